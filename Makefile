@@ -1,0 +1,49 @@
+# The README's commands. Each creates .venv/ from the pinned requirement files when missing.
+#   make fire [INVENTORY=inventory/aws.yml] [ARGS='-e cluster_max_workers=8']
+#   make teardown [INVENTORY=...]
+#   make test
+#   make lint
+PYTHON ?= python3
+VENV := .venv
+INVENTORY ?= inventory/local.yml
+ARGS ?=
+BIN := $(CURDIR)/$(VENV)/bin
+# Ansible's tools call each other by name: the venv's bin must come first on PATH.
+RUN := PATH="$(BIN):$$PATH" ANSIBLE_CONFIG="$(CURDIR)/ansible.cfg"
+
+.PHONY: fire teardown test lint bench clean
+
+fire: $(VENV)/.run-deps
+	$(RUN) ansible-playbook -i $(INVENTORY) playbooks/fire.yml $(ARGS)
+
+teardown: $(VENV)/.run-deps
+	$(RUN) ansible-playbook -i $(INVENTORY) playbooks/teardown.yml $(ARGS)
+
+test: $(VENV)/.test-deps
+	$(RUN) python -m pytest tests $(ARGS)
+
+lint: $(VENV)/.test-deps
+	$(RUN) ansible-lint --profile production
+
+clean:
+	rm -rf $(VENV)
+
+# A Debian without python3-venv can't create a venv with pip in it: install the package
+# when we can (root with apt), say what to do otherwise.
+$(VENV)/bin/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is needed (PYTHON=$(PYTHON) is older)"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+		rm -rf $(VENV); \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
+		else echo "cannot create a venv: install python3-venv (sudo apt-get install python3-venv)"; exit 1; fi; }
+	$(VENV)/bin/pip install -q --upgrade pip
+
+$(VENV)/.run-deps: requirements.txt | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $@ $(VENV)/.run-deps

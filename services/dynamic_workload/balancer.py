@@ -1,0 +1,267 @@
+"""The balancer: the durable queue's HTTP API, for endpoints and workers, and the scaler.
+
+Every route but ``/healthz`` and ``/metrics`` requires the cluster's token
+(``Authorization: Bearer <token>``). The routes, all JSON:
+
+    PUT  /jobs/<id>?iterations=N   body: the job's bytes   201 stored, 200 stored before
+    GET  /jobs/<id>                                         the job
+    GET  /completed?top=N                                   newest completions first
+    GET  /status                                            counts, workers, scaler
+    POST /lease?wait=S&max=K       X-Worker-Id              {"jobs": [...], "keep": bool}
+    POST /jobs/<id>/heartbeat      X-Worker-Id              {"held": bool}
+    POST /jobs/<id>/result         {"result", "duration"}   {"recorded": bool}
+    POST /jobs/<id>/release        X-Worker-Id              {"released": bool}
+
+A lease long-polls: it waits up to ``wait`` seconds for a job instead of answering empty,
+so idle workers cost nothing and a new job starts within milliseconds.
+"""
+
+import argparse
+import base64
+import hmac
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+from . import httpserver, logs, metrics
+from .config import Settings
+from .fleets import make_fleet
+from .httpserver import HttpError, parse_int, route
+from .scaler import Scaler, WorkerRegistry
+from .store import QueueFull, Store, StoreUnavailable, UnknownJob
+
+ID = r"(?P<job_id>[A-Za-z0-9_-]{1,64})"
+WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_LEASE_WAIT = 20
+
+
+class Balancer:
+    """What the balancer's routes work with: settings, store, scaler and metrics."""
+
+    def __init__(self, settings, store, scaler, registry):
+        self.settings = settings
+        self.store = store
+        self.scaler = scaler
+        self.registry = registry
+        self.job_seconds = metrics.Histogram(
+            "dynamic_workload_job_duration_seconds", "Time a worker spent computing a job.", metrics.JOB_BUCKETS)
+        self.wait_seconds = metrics.Histogram(
+            "dynamic_workload_queue_wait_seconds", "Time a job waited in the queue before a worker leased it.",
+            metrics.JOB_BUCKETS)
+        self.request_seconds = metrics.Histogram(
+            "dynamic_workload_balancer_request_duration_seconds", "Balancer request latency.",
+            metrics.REQUEST_BUCKETS, ("method", "code"))
+
+    def status(self):
+        counts = self.store.counts()
+        scaler = self.scaler
+        return {
+            "queued": counts["queued"], "running": counts["running"],
+            "completed": counts["completed"], "failed": counts["failed"], "enqueued": counts["enqueued"],
+            "workers": scaler.live + scaler.booting, "workers_live": scaler.live,
+            "workers_booting": scaler.booting, "min_workers": self.settings.min_workers,
+            "max_workers": self.settings.max_workers, "fleet": scaler.fleet.name,
+            "launch_error": scaler.launch_error,
+            "decisions": [{"time": t, "wanted": d.wanted, "launch": d.launch, "reason": d.reason}
+                          for t, d in scaler.decisions],
+        }
+
+    def metrics_text(self):
+        counts = self.store.counts()
+        scaler = self.scaler
+        return "".join([
+            metrics.family("dynamic_workload_jobs", "gauge", "Jobs by state.",
+                           [({"state": s}, counts[s]) for s in ("queued", "running", "completed", "failed")]),
+            metrics.family("dynamic_workload_workers", "gauge", "Workers by state.",
+                           [({"state": "live"}, scaler.live), ({"state": "booting"}, scaler.booting)]),
+            metrics.family("dynamic_workload_jobs_enqueued", "counter", "Jobs ever accepted.",
+                           [({}, counts["enqueued"])]),
+            metrics.family("dynamic_workload_worker_launches", "counter", "Workers launched by the scaler.",
+                           [({}, scaler.launches_total)]),
+            metrics.family("dynamic_workload_worker_terminations", "counter",
+                           "Workers terminated by the scaler (boot timeout or lost).",
+                           [({}, scaler.terminations_total)]),
+            self.job_seconds.render(), self.wait_seconds.render(), self.request_seconds.render(),
+        ])
+
+
+class BalancerHandler(httpserver.Handler):
+    routes = [
+        route("/healthz", GET="healthz"),
+        route("/metrics", GET="metrics"),
+        route("/status", GET="status"),
+        route("/completed", GET="completed"),
+        route("/lease", POST="lease"),
+        route(f"/jobs/{ID}", PUT="enqueue", GET="get_job"),
+        route(f"/jobs/{ID}/heartbeat", POST="heartbeat"),
+        route(f"/jobs/{ID}/result", POST="result"),
+        route(f"/jobs/{ID}/release", POST="release"),
+    ]
+
+    def observe(self, method, status, seconds):
+        self.app.request_seconds.observe(seconds, method, str(status))
+
+    def authorize(self):
+        expected = "Bearer " + self.app.settings.token
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
+            raise HttpError(401, "missing or wrong cluster token", {"WWW-Authenticate": "Bearer"})
+
+    def worker_id(self):
+        worker_id = self.headers.get("X-Worker-Id", "")
+        if not WORKER_ID.fullmatch(worker_id):
+            raise HttpError(400, "X-Worker-Id header missing or malformed")
+        self.app.registry.seen(worker_id)
+        return worker_id
+
+    def json_body(self):
+        try:
+            body = json.loads(self.read_body(1 << 20) or b"{}")
+        except ValueError:
+            raise HttpError(400, "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HttpError(400, "body must be a JSON object")
+        return body
+
+    # --- routes ---------------------------------------------------------------------------
+
+    def healthz(self):
+        return self.send_json(200, {"ok": True})
+
+    def metrics(self):
+        return self.send_body(200, self.app.metrics_text().encode(), metrics.CONTENT_TYPE)
+
+    def status(self):
+        self.authorize()
+        return self.send_json(200, self.app.status())
+
+    def completed(self):
+        self.authorize()
+        top = parse_int(self.query.get("top"), "top", 1, 1000, default=10)
+        return self.send_json(200, self.app.store.completed(top))
+
+    def enqueue(self, job_id):
+        self.authorize()
+        settings = self.app.settings
+        iterations = parse_int(self.query.get("iterations"), "iterations", 1, settings.max_iterations)
+        data = self.read_body(settings.max_body_bytes)
+        if not data:
+            raise HttpError(400, "empty data")
+        try:
+            created = self.app.store.enqueue(job_id, iterations, data)
+        except QueueFull:
+            raise HttpError(429, f"the queue is full ({settings.max_queued} jobs waiting); retry later",
+                            {"Retry-After": "1"}) from None
+        except StoreUnavailable as error:
+            logs.event("store_unavailable", error=str(error))
+            raise HttpError(507, "the balancer cannot store jobs now (disk full or read-only); retry later",
+                            {"Retry-After": "5"}) from None
+        logs.detail("enqueued", job=job_id, iterations=iterations, size=len(data))
+        return self.send_json(201 if created else 200, {"id": job_id, "status": "queued"})
+
+    def get_job(self, job_id):
+        self.authorize()
+        try:
+            return self.send_json(200, self.app.store.get(job_id))
+        except UnknownJob:
+            raise HttpError(404, f"no job {job_id}") from None
+
+    def lease(self):
+        self.authorize()
+        worker_id = self.worker_id()
+        wait = parse_int(self.query.get("wait"), "wait", 0, MAX_LEASE_WAIT, default=0)
+        max_jobs = parse_int(self.query.get("max"), "max", 1, 100, default=1)
+        store, settings = self.app.store, self.app.settings
+        deadline = time.monotonic() + wait
+        while True:
+            generation = store.generation
+            jobs = store.lease(worker_id, settings.lease_seconds, max_jobs)
+            remaining = deadline - time.monotonic()
+            if jobs or remaining <= 0:
+                break
+            with store.work_available:
+                store.work_available.wait_for(lambda: store.generation != generation, timeout=min(remaining, 1.0))
+        for job in jobs:
+            self.app.wait_seconds.observe(job.pop("waited"))
+            job["data"] = base64.b64encode(job["data"]).decode()
+            logs.detail("leased", job=job["id"], worker=worker_id, attempt=job["attempt"])
+        keep = self.app.scaler.live <= settings.min_workers
+        return self.send_json(200, {"jobs": jobs, "keep": keep, "lease_seconds": settings.lease_seconds})
+
+    def heartbeat(self, job_id):
+        self.authorize()
+        worker_id = self.worker_id()
+        held = self.app.store.heartbeat(worker_id, [job_id], self.app.settings.lease_seconds)
+        return self.send_json(200, {"held": bool(held)})
+
+    def result(self, job_id):
+        self.authorize()
+        worker_id = self.worker_id()
+        body = self.json_body()
+        result = body.get("result")
+        if not isinstance(result, str) or not re.fullmatch(r"[0-9a-f]{128}", result):
+            raise HttpError(400, "result must be 128 lowercase hex digits")
+        duration = body.get("duration")
+        if not isinstance(duration, (int, float)) or duration < 0:
+            duration = None
+        try:
+            recorded = self.app.store.complete(job_id, result, worker_id, duration)
+        except UnknownJob:
+            raise HttpError(404, f"no job {job_id}") from None
+        except StoreUnavailable as error:
+            raise HttpError(503, str(error), {"Retry-After": "5"}) from None
+        if recorded:
+            if duration is not None:
+                self.app.job_seconds.observe(duration)
+            logs.detail("completed", job=job_id, worker=worker_id, duration=duration)
+        return self.send_json(200, {"recorded": recorded})
+
+    def release(self, job_id):
+        self.authorize()
+        worker_id = self.worker_id()
+        released = self.app.store.release(job_id, worker_id)
+        logs.event("released", job=job_id, worker=worker_id, released=released)
+        return self.send_json(200, {"released": released})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="dynamic_workload balancer", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5100)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logs.configure("balancer", args.verbose)
+    settings = Settings.from_env()
+    if not settings.token:
+        raise SystemExit("DW_TOKEN is not set: the balancer refuses to run without the cluster's token")
+    os.makedirs(settings.state_dir, exist_ok=True)
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    clock = time.time
+    store = Store(os.path.join(settings.state_dir, "jobs.db"), max_queued=settings.max_queued,
+                  max_attempts=settings.max_attempts, clock=clock)
+    registry = WorkerRegistry(clock)
+    fleet = make_fleet(settings, clock)
+    scaler = Scaler(store, fleet, settings, registry, clock)
+    app = Balancer(settings, store, scaler, registry)
+    server = httpserver.serve(app, BalancerHandler, args.host, args.port)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    scaler_thread = threading.Thread(target=scaler.run, args=(stopping,), name="scaler", daemon=True)
+    scaler_thread.start()
+    logs.event("started", address=f"http://{args.host}:{args.port}", fleet=fleet.name,
+               counts=store.counts())
+    while not stopping.wait(1.0):
+        pass
+    logs.event("stopping")
+    server.shutdown()
+    server.server_close()
+    scaler_thread.join(timeout=10)
+    fleet.close()
+    store.close()
+    logs.event("stopped")

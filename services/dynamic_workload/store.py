@@ -1,0 +1,378 @@
+"""The durable queue and its results, in one SQLite database (WAL).
+
+The store owns every job's life: ``queued`` -> ``running`` (under a lease) -> ``completed``, or
+``failed`` once it has used up its attempts. Nothing lives only in memory: an enqueue returns
+after the transaction holding it has committed with ``synchronous=FULL``.
+
+Writes go through one writer thread that takes whatever operations are waiting, runs them
+in one transaction (each under its own savepoint, so one bad operation can't sink the
+others) and commits once: a group commit. Callers block until the commit that holds their
+operation is durable, so acknowledging after ``enqueue`` returns is safe, and under load one
+fsync serves hundreds of requests. Reads use their own connections and never wait on writes.
+
+Payloads sit in their own table, read only when a job is leased, and deleted once the job
+has a result, so the job rows the queue scans stay small.
+"""
+
+import concurrent.futures
+import queue
+import sqlite3
+import threading
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq           INTEGER PRIMARY KEY,
+    id            TEXT NOT NULL UNIQUE,
+    iterations    INTEGER NOT NULL,
+    size          INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    worker_id     TEXT,
+    lease_expires REAL,
+    enqueued_at   REAL NOT NULL,
+    started_at    REAL,
+    finished_at   REAL,
+    duration      REAL,
+    done_seq      INTEGER,
+    result        TEXT,
+    error         TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_completion ON jobs(done_seq) WHERE done_seq IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_lease ON jobs(lease_expires) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS payloads (
+    seq  INTEGER PRIMARY KEY,
+    data BLOB NOT NULL
+);
+"""
+
+STATES = ("queued", "running", "completed", "failed")
+# One transaction holds at most this many operations, so a flood can't starve its waiters.
+MAX_BATCH = 512
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queued` jobs already: the caller should retry later."""
+
+
+class UnknownJob(KeyError):
+    """No job has that id."""
+
+
+class StoreUnavailable(Exception):
+    """The database refused a write (disk full, read-only, I/O error); nothing was changed."""
+
+
+class Store:
+    def __init__(self, path, *, max_queued=10_000, max_attempts=5, clock=time.time):
+        self.path = str(path)
+        self.max_queued = max_queued
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self._ops = queue.SimpleQueue()
+        self._readers = queue.SimpleQueue()
+        # Bumped after every commit that made a job leasable; long-polling leases wait on it.
+        self.work_available = threading.Condition()
+        self.generation = 0
+        writer = self._connect()
+        writer.executescript(SCHEMA)
+        self._counts = dict.fromkeys(STATES, 0)
+        for state, count in writer.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            self._counts[state] = count
+        self._counts["enqueued"] = writer.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        self._next_done_seq = (writer.execute("SELECT MAX(done_seq) FROM jobs").fetchone()[0] or 0) + 1
+        self._writer = writer
+        self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def close(self):
+        self._ops.put(None)
+        self._thread.join()
+        self._writer.close()
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                break
+
+    # --- the writer -----------------------------------------------------------------------
+
+    def _write(self, operation):
+        future = concurrent.futures.Future()
+        self._ops.put((operation, future))
+        return future.result()
+
+    def _write_loop(self):
+        conn = self._writer
+        while True:
+            first = self._ops.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._ops.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+
+    def _run_batch(self, conn, batch):
+        now = self.clock()
+        counts = dict(self._counts, wake=0)  # wake: jobs this batch made leasable
+        outcomes = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future in batch:
+                before = dict(counts)
+                conn.execute("SAVEPOINT operation")
+                try:
+                    outcomes.append((future, operation(conn, now, counts), None))
+                    conn.execute("RELEASE operation")
+                except Exception as error:
+                    counts = before
+                    conn.execute("ROLLBACK TO operation")
+                    conn.execute("RELEASE operation")
+                    outcomes.append((future, None, error))
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            for _, future in batch:
+                future.set_exception(StoreUnavailable(f"the job database refused the write: {error}"))
+            return
+        woken = counts.pop("wake")
+        self._counts = counts
+        if woken:
+            with self.work_available:
+                self.generation += 1
+                self.work_available.notify_all()
+        for future, result, error in outcomes:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _read(self, query):
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            return query(conn)
+        finally:
+            self._readers.put(conn)
+
+    def counts(self):
+        """Jobs per state, and the number ever enqueued."""
+        return dict(self._counts)
+
+    def get(self, job_id):
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT id, state, iterations, size, attempts, enqueued_at, started_at, finished_at,"
+                " duration, result, error FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+        )
+        if row is None:
+            raise UnknownJob(job_id)
+        keys = ("id", "status", "iterations", "size", "attempts", "enqueued_at", "started_at",
+                "finished_at", "duration", "result", "error")
+        return {k: v for k, v in zip(keys, row) if v is not None}
+
+    def completed(self, top):
+        """The `top` most recently completed jobs, newest completion first."""
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT id, result, iterations, finished_at, duration FROM jobs"
+                " WHERE done_seq IS NOT NULL ORDER BY done_seq DESC LIMIT ?",
+                (top,),
+            ).fetchall()
+        )
+        return [
+            {"id": i, "result": r, "iterations": n, "completed_at": f, "duration": d}
+            for i, r, n, f, d in rows
+        ]
+
+    def oldest_queued_age(self):
+        """Seconds the oldest queued job has waited, or 0 with an empty queue."""
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT enqueued_at FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1"
+            ).fetchone()
+        )
+        return max(0.0, self.clock() - row[0]) if row else 0.0
+
+    def mean_duration(self, last=50):
+        """Mean seconds of the last `last` completed jobs, or None before the first one."""
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT AVG(duration) FROM (SELECT duration FROM jobs"
+                " WHERE done_seq IS NOT NULL ORDER BY done_seq DESC LIMIT ?)",
+                (last,),
+            ).fetchone()
+        )
+        return row[0]
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def enqueue(self, job_id, iterations, data):
+        """Store a job durably. Returns True if stored now, False if that id was stored before.
+
+        Ids come from the caller so that a retried enqueue (the answer was lost) can't
+        create the job twice. Raises QueueFull when `max_queued` jobs are waiting.
+        """
+        def operation(conn, now, counts):
+            if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                return False
+            if counts["queued"] >= self.max_queued:
+                raise QueueFull()
+            cursor = conn.execute(
+                "INSERT INTO jobs (id, iterations, size, state, enqueued_at) VALUES (?, ?, ?, 'queued', ?)",
+                (job_id, iterations, len(data), now),
+            )
+            conn.execute("INSERT INTO payloads (seq, data) VALUES (?, ?)", (cursor.lastrowid, data))
+            counts["queued"] += 1
+            counts["enqueued"] += 1
+            counts["wake"] += 1
+            return True
+
+        return self._write(operation)
+
+    def lease(self, worker_id, lease_seconds, max_jobs=1):
+        """Lease up to `max_jobs` queued jobs, oldest first, to a worker for `lease_seconds`.
+
+        Returns a list of dicts with id, iterations, attempt, data and waited (seconds queued).
+        """
+        def operation(conn, now, counts):
+            rows = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?,"
+                " lease_expires = ?, started_at = ? WHERE seq IN"
+                " (SELECT seq FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?)"
+                " RETURNING seq, id, iterations, attempts, enqueued_at",
+                (worker_id, now + lease_seconds, now, max_jobs),
+            ).fetchall()
+            rows.sort()
+            jobs = []
+            for seq, job_id, iterations, attempt, enqueued_at in rows:
+                data = conn.execute("SELECT data FROM payloads WHERE seq = ?", (seq,)).fetchone()[0]
+                jobs.append({"id": job_id, "iterations": iterations, "attempt": attempt, "data": data,
+                             "waited": now - enqueued_at})
+            counts["queued"] -= len(rows)
+            counts["running"] += len(rows)
+            return jobs
+
+        return self._write(operation)
+
+    def heartbeat(self, worker_id, job_ids, lease_seconds):
+        """Extend the worker's leases on `job_ids`; returns the ids it still holds."""
+        def operation(conn, now, counts):
+            held = []
+            for job_id in job_ids:
+                row = conn.execute(
+                    "UPDATE jobs SET lease_expires = ? WHERE id = ? AND state = 'running'"
+                    " AND worker_id = ? RETURNING id",
+                    (now + lease_seconds, job_id, worker_id),
+                ).fetchone()
+                if row:
+                    held.append(job_id)
+            return held
+
+        return self._write(operation)
+
+    def complete(self, job_id, result, worker_id=None, duration=None):
+        """Record a job's result. Returns True if recorded now, False if it had one already.
+
+        A result is accepted whoever posts it, even after the lease moved to another worker
+        (the work is deterministic); the first one is kept and any later one is ignored.
+        """
+        def operation(conn, now, counts):
+            row = conn.execute("SELECT seq, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            seq, state = row
+            if state == "completed":
+                return False
+            conn.execute(
+                "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, duration = ?,"
+                " done_seq = ?, lease_expires = NULL, worker_id = ?, error = NULL WHERE seq = ?",
+                (result, now, duration, self._next_done_seq, worker_id, seq),
+            )
+            self._next_done_seq += 1
+            conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
+            counts[state] -= 1
+            counts["completed"] += 1
+            return True
+
+        return self._write(operation)
+
+    def release(self, job_id, worker_id):
+        """A worker gives a leased job back unfinished (it is stopping): re-queue it at once.
+
+        The attempt is not counted: the job did nothing wrong.
+        """
+        def operation(conn, now, counts):
+            row = conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = attempts - 1, worker_id = NULL,"
+                " lease_expires = NULL WHERE id = ? AND state = 'running' AND worker_id = ? RETURNING seq",
+                (job_id, worker_id),
+            ).fetchone()
+            if row:
+                counts["running"] -= 1
+                counts["queued"] += 1
+                counts["wake"] += 1
+            return row is not None
+
+        return self._write(operation)
+
+    def requeue_expired(self):
+        """Return jobs whose lease has expired to the queue (or fail them after max attempts)."""
+        return self._write(lambda conn, now, counts: self._requeue(
+            conn, now, counts, "lease_expires < ?", (now,), "its lease expired"))
+
+    def requeue_worker(self, worker_id, reason):
+        """Return the jobs of a worker that is gone to the queue (or fail them)."""
+        return self._write(lambda conn, now, counts: self._requeue(
+            conn, now, counts, "worker_id = ?", (worker_id,), reason))
+
+    def _requeue(self, conn, now, counts, condition, params, reason):
+        rows = conn.execute(
+            "SELECT seq, attempts FROM jobs WHERE state = 'running' AND " + condition, params
+        ).fetchall()
+        requeued = 0
+        for seq, attempts in rows:
+            if attempts >= self.max_attempts:
+                conn.execute(
+                    "UPDATE jobs SET state = 'failed', worker_id = NULL, lease_expires = NULL,"
+                    " finished_at = ?, error = ? WHERE seq = ?",
+                    (now, f"gave up after {attempts} attempts; the last ended because {reason}", seq),
+                )
+                conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
+                counts["failed"] += 1
+            else:
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires = NULL,"
+                    " error = ? WHERE seq = ?",
+                    (f"attempt {attempts} ended because {reason}", seq),
+                )
+                counts["queued"] += 1
+                counts["wake"] += 1
+                requeued += 1
+            counts["running"] -= 1
+        return requeued
