@@ -104,7 +104,10 @@ class BalancerHandler(httpserver.Handler):
     def observe(self, method, status, seconds):
         self.app.request_seconds.observe(seconds, method, str(status))
 
-    def authorize(self):
+    def check_access(self, method, path):
+        # Every request needs the token, unknown routes included, except health and metrics.
+        if method == "GET" and path in ("/healthz", "/metrics"):
+            return
         expected = "Bearer " + self.app.settings.token
         given = self.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
@@ -135,16 +138,13 @@ class BalancerHandler(httpserver.Handler):
         return self.send_body(200, self.app.metrics_text().encode(), metrics.CONTENT_TYPE)
 
     def status(self):
-        self.authorize()
         return self.send_json(200, self.app.status())
 
     def completed(self):
-        self.authorize()
         top = parse_int(self.query.get("top"), "top", 1, 1000, default=10)
         return self.send_json(200, self.app.store.completed(top))
 
     def enqueue(self, job_id):
-        self.authorize()
         settings = self.app.settings
         iterations = parse_int(self.query.get("iterations"), "iterations", 1, settings.max_iterations)
         data = self.read_body(settings.max_body_bytes)
@@ -163,14 +163,12 @@ class BalancerHandler(httpserver.Handler):
         return self.send_json(201 if created else 200, {"id": job_id, "status": "queued"})
 
     def get_job(self, job_id):
-        self.authorize()
         try:
             return self.send_json(200, self.app.store.get(job_id))
         except UnknownJob:
             raise HttpError(404, f"no job {job_id}") from None
 
     def lease(self):
-        self.authorize()
         worker_id = self.worker_id()
         wait = parse_int(self.query.get("wait"), "wait", 0, MAX_LEASE_WAIT, default=0)
         max_jobs = parse_int(self.query.get("max"), "max", 1, 100, default=1)
@@ -192,13 +190,11 @@ class BalancerHandler(httpserver.Handler):
         return self.send_json(200, {"jobs": jobs, "keep": keep, "lease_seconds": settings.lease_seconds})
 
     def heartbeat(self, job_id):
-        self.authorize()
         worker_id = self.worker_id()
         held = self.app.store.heartbeat(worker_id, [job_id], self.app.settings.lease_seconds)
         return self.send_json(200, {"held": bool(held)})
 
     def result(self, job_id):
-        self.authorize()
         worker_id = self.worker_id()
         body = self.json_body()
         result = body.get("result")
@@ -220,7 +216,6 @@ class BalancerHandler(httpserver.Handler):
         return self.send_json(200, {"recorded": recorded})
 
     def release(self, job_id):
-        self.authorize()
         worker_id = self.worker_id()
         released = self.app.store.release(job_id, worker_id)
         logs.event("released", job=job_id, worker=worker_id, released=released)

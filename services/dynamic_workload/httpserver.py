@@ -95,6 +95,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         method = "GET" if self.command == "HEAD" else self.command
         status = 500
         try:
+            self.check_access(method, path)
             for pattern, methods in self.routes:
                 match = pattern.match(path)
                 if match is None:
@@ -118,6 +119,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
         finally:
             self.observe(method, status, time.monotonic() - self._started)
+
+    def check_access(self, method, path):
+        """Hook run before routing; raise HttpError to refuse the request (e.g. 401)."""
 
     def observe(self, method, status, seconds):
         """Hook for request metrics; subclasses may record the request here."""
