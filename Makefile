@@ -44,6 +44,9 @@ $(VENV)/.run-deps: requirements.txt | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
+# The tests also drive curl, as users do.
 $(VENV)/.test-deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
+	@command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq curl >/dev/null; } || \
+		{ echo "the tests need curl: sudo apt-get install curl"; exit 1; }
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@ $(VENV)/.run-deps

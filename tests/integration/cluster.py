@@ -39,12 +39,12 @@ def free_port_pair():
     raise RuntimeError("no two consecutive free ports")
 
 
-def playbook(name, extra_vars, timeout=180):
+def playbook(name, extra_vars, *options, timeout=180):
     """Run a playbook; returns (returncode, output)."""
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"],
                ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
     run = subprocess.run(
-        [os.path.join(BIN, "ansible-playbook"), f"playbooks/{name}", "-e", json.dumps(extra_vars)],
+        [os.path.join(BIN, "ansible-playbook"), f"playbooks/{name}", "-e", json.dumps(extra_vars), *options],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
     return run.returncode, run.stdout + run.stderr
@@ -95,8 +95,8 @@ class LocalCluster:
     def endpoints(self):
         return [self.endpoint_port, self.endpoint_port + 1]
 
-    def fire(self):
-        code, output = playbook("fire.yml", self.vars)
+    def fire(self, *options):
+        code, output = playbook("fire.yml", self.vars, *options)
         assert code == 0, output
         return output
 

@@ -13,10 +13,14 @@ pytestmark = pytest.mark.cluster
 
 def test_fire_twice_changes_nothing_and_teardown_leaves_nothing(tmp_path):
     cluster = LocalCluster(tmp_path, cluster_min_workers=1)
+    dry = recap(cluster.fire("--check"))
+    assert dry["changed"] > 0 and dry["failed"] == 0
+    assert not os.path.exists(cluster.state_dir), "check mode changed something"
     first = recap(cluster.fire())
     assert first["changed"] > 0 and first["failed"] == 0
     second = recap(cluster.fire())
     assert second["changed"] == 0, second
+    assert recap(cluster.fire("--check"))["changed"] == 0
     assert "http://127.0.0.1:%d" % cluster.endpoint_port in cluster.fire()
     wait_until(lambda: cluster.worker_pids(), 10, message="the minimum worker")
     pids = cluster.processes()
