@@ -8,6 +8,8 @@ COMMANDS = {
     "balancer": "balancer",
     "worker": "worker",
     "supervise": "supervisor",
+    "bundle": "bundle",
+    "fleet": "fleetcli",
 }
 
 

@@ -11,6 +11,7 @@ Every route but ``/healthz`` and ``/metrics`` requires the cluster's token
     POST /jobs/<id>/heartbeat      X-Worker-Id              {"held": bool}
     POST /jobs/<id>/result         {"result", "duration"}   {"recorded": bool}
     POST /jobs/<id>/release        X-Worker-Id              {"released": bool}
+    GET  /bundle                                            the services' zipapp, for workers
 
 A lease long-polls: it waits up to ``wait`` seconds for a job instead of answering empty,
 so idle workers cost nothing and a new job starts within milliseconds.
@@ -26,7 +27,7 @@ import signal
 import threading
 import time
 
-from . import httpserver, logs, metrics
+from . import bundle, httpserver, logs, metrics
 from .config import Settings
 from .fleets import make_fleet
 from .httpserver import HttpError, parse_int, route
@@ -46,6 +47,11 @@ class Balancer:
         self.store = store
         self.scaler = scaler
         self.registry = registry
+        self.bundle = bundle.build()
+        # Idle workers told they may end themselves, and when: only as many as the floor
+        # (min_workers) allows, so that idle workers don't all leave at once.
+        self._leaving = {}
+        self._leaving_lock = threading.Lock()
         self.job_seconds = metrics.Histogram(
             "dynamic_workload_job_duration_seconds", "Time a worker spent computing a job.", metrics.JOB_BUCKETS)
         self.wait_seconds = metrics.Histogram(
@@ -54,6 +60,20 @@ class Balancer:
         self.request_seconds = metrics.Histogram(
             "dynamic_workload_balancer_request_duration_seconds", "Balancer request latency.",
             metrics.REQUEST_BUCKETS, ("method", "code"))
+
+    def may_leave(self, worker_id, now):
+        """Whether an idle worker may end itself without taking the fleet below min_workers."""
+        with self._leaving_lock:
+            members = self.scaler.known or set()
+            for other, since in list(self._leaving.items()):
+                if other not in members or now - since > 2 * MAX_LEASE_WAIT:
+                    del self._leaving[other]  # it is gone, or it stayed (found work)
+            if worker_id in self._leaving:
+                return True
+            if self.scaler.live - len(self._leaving) > self.settings.min_workers:
+                self._leaving[worker_id] = now
+                return True
+            return False
 
     def status(self):
         counts = self.store.counts()
@@ -64,7 +84,7 @@ class Balancer:
             "workers": scaler.live + scaler.booting, "workers_live": scaler.live,
             "workers_booting": scaler.booting, "min_workers": self.settings.min_workers,
             "max_workers": self.settings.max_workers, "fleet": scaler.fleet.name,
-            "launch_error": scaler.launch_error,
+            "fleet_error": scaler.fleet_error,
             "decisions": [{"time": t, "wanted": d.wanted, "launch": d.launch, "reason": d.reason}
                           for t, d in scaler.decisions],
         }
@@ -81,6 +101,9 @@ class Balancer:
                            [({}, counts["enqueued"])]),
             metrics.family("dynamic_workload_worker_launches", "counter", "Workers launched by the scaler.",
                            [({}, scaler.launches_total)]),
+            metrics.family("dynamic_workload_fleet_errors", "counter",
+                           "Fleet API calls that failed (the scaler backs off after each).",
+                           [({}, scaler.fleet_errors_total)]),
             metrics.family("dynamic_workload_worker_terminations", "counter",
                            "Workers terminated by the scaler (boot timeout or lost).",
                            [({}, scaler.terminations_total)]),
@@ -99,6 +122,7 @@ class BalancerHandler(httpserver.Handler):
         route(f"/jobs/{ID}/heartbeat", POST="heartbeat"),
         route(f"/jobs/{ID}/result", POST="result"),
         route(f"/jobs/{ID}/release", POST="release"),
+        route("/bundle", GET="bundle"),
     ]
 
     def observe(self, method, status, seconds):
@@ -130,6 +154,10 @@ class BalancerHandler(httpserver.Handler):
         return body
 
     # --- routes ---------------------------------------------------------------------------
+
+    def bundle(self):
+        """The services' zipapp, for workers to run (see bundle.py)."""
+        return self.send_body(200, self.app.bundle, "application/zip")
 
     def healthz(self):
         return self.send_json(200, {"ok": True})
@@ -186,7 +214,7 @@ class BalancerHandler(httpserver.Handler):
             self.app.wait_seconds.observe(job.pop("waited"))
             job["data"] = base64.b64encode(job["data"]).decode()
             logs.detail("leased", job=job["id"], worker=worker_id, attempt=job["attempt"])
-        keep = self.app.scaler.live <= settings.min_workers
+        keep = not jobs and not self.app.may_leave(worker_id, time.monotonic())
         return self.send_json(200, {"jobs": jobs, "keep": keep, "lease_seconds": settings.lease_seconds})
 
     def heartbeat(self, job_id):

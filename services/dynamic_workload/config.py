@@ -39,6 +39,11 @@ class Settings:
     scaler_interval: float = 0.5
     # How long an endpoint keeps retrying a balancer that is away before it answers 503.
     balancer_retry_seconds: float = 5.0
+    # EC2 fleet: the workers' launch template (default "<cluster_name>-worker") and its version.
+    launch_template: str = ""
+    launch_template_version: str = "$Latest"
+    # EC2 fleet: ask for spot workers first, falling back to on-demand when spot is refused.
+    worker_spot: bool = False
 
     @classmethod
     def from_env(cls, environ=None):
@@ -50,12 +55,16 @@ class Settings:
             if raw is None or raw == "":
                 continue
             try:
-                values[field.name] = field.type(raw) if field.type is not str else raw
+                values[field.name] = _parse(field.type, raw)
             except ValueError:
                 raise SettingsError(f"{name}={raw!r} is not a valid {field.type.__name__}") from None
         settings = cls(**values)
         settings.check()
         return settings
+
+    @property
+    def worker_launch_template(self):
+        return self.launch_template or f"{self.cluster_name}-worker"
 
     def check(self):
         if self.min_workers < 0:
@@ -72,3 +81,14 @@ class Settings:
             raise SettingsError("DW_LEASE_SECONDS, DW_TARGET_WAIT_SECONDS and DW_SCALER_INTERVAL must be positive")
         if self.fleet not in ("local", "ec2"):
             raise SettingsError(f"DW_FLEET must be 'local' or 'ec2', not {self.fleet!r}")
+
+
+def _parse(kind, raw):
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    return kind(raw)

@@ -72,7 +72,7 @@ async function poll() {
     const t = Date.now() / 1000;
     history.push({t, queued: s.queued, running: s.running, live: s.workers_live, booting: s.workers_booting, completed: s.completed});
     while (history.length && history[0].t < t - 600) history.shift();
-    document.getElementById("state").textContent = `updated ${new Date().toLocaleTimeString()} - fleet ${s.fleet}, workers ${s.min_workers} to ${s.max_workers}` + (s.launch_error ? " - " + s.launch_error : "");
+    document.getElementById("state").textContent = `updated ${new Date().toLocaleTimeString()} - fleet ${s.fleet}, workers ${s.min_workers} to ${s.max_workers}` + (s.fleet_error ? " - " + s.fleet_error : "");
     document.getElementById("cards").innerHTML = ["queued", "running", "completed", "failed", "workers"].map(k => `<div class="card">${k}<b id="card-${k}">${s[k]}</b></div>`).join("");
     draw("jobs", [{name: "queued", value: p => p.queued}, {name: "running", value: p => p.running}]);
     draw("workers", [{name: "live", value: p => p.live}, {name: "booting", value: p => p.booting}]);

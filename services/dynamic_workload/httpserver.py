@@ -220,6 +220,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         if not hasattr(self, "_body_consumed"):
             self._body_consumed = True
+        if self.request_version == "HTTP/0.9":
+            # The request line was unreadable, so its version is unknown; an HTTP/0.9 answer
+            # would be a bare body with no status line. Answer as HTTP/1.0 instead.
+            self.request_version = "HTTP/1.0"
         body = json.dumps({"error": message or explain or http.server.BaseHTTPRequestHandler.responses.get(code, ("error",))[0]}).encode() + b"\n"
         try:
             self.send_response(code)
@@ -252,7 +256,7 @@ def parse_int(raw, name, low, high, default=None):
             return default
         raise HttpError(400, f"{name} is missing; give an integer from {low} to {high}")
     text = raw.strip()
-    if not re.fullmatch(r"[+-]?\d+", text):
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise HttpError(400, f"{name}={raw!r} is not an integer; give one from {low} to {high}")
     # Bounded before int(): a thousand-digit number is just out of range, not an error.
     value = int(text) if len(text.lstrip("+-0")) <= 19 else high + 1

@@ -81,8 +81,12 @@ class Store:
         for state, count in writer.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             self._counts[state] = count
         self._counts["enqueued"] = writer.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        # The work waiting or under way, in iterations: what the scaler sizes the fleet by.
+        self._counts["backlog_iterations"] = writer.execute(
+            "SELECT COALESCE(SUM(iterations), 0) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
         self._next_done_seq = (writer.execute("SELECT MAX(done_seq) FROM jobs").fetchone()[0] or 0) + 1
         self._writer = writer
+        self._closed = False
         self._thread = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -93,6 +97,7 @@ class Store:
         return conn
 
     def close(self):
+        self._closed = True
         self._ops.put(None)
         self._thread.join()
         self._writer.close()
@@ -105,6 +110,8 @@ class Store:
     # --- the writer -----------------------------------------------------------------------
 
     def _write(self, operation):
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
         future = concurrent.futures.Future()
         self._ops.put((operation, future))
         return future.result()
@@ -137,13 +144,19 @@ class Store:
                 before = dict(counts)
                 conn.execute("SAVEPOINT operation")
                 try:
-                    outcomes.append((future, operation(conn, now, counts), None))
-                    conn.execute("RELEASE operation")
+                    result = operation(conn, now, counts)
                 except Exception as error:
                     counts = before
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (disk full, I/O error)
                     conn.execute("ROLLBACK TO operation")
                     conn.execute("RELEASE operation")
+                    if isinstance(error, sqlite3.Error):
+                        error = StoreUnavailable(f"the job database refused the write: {error}")
                     outcomes.append((future, None, error))
+                else:
+                    conn.execute("RELEASE operation")
+                    outcomes.append((future, result, None))
             conn.execute("COMMIT")
         except sqlite3.Error as error:
             if conn.in_transaction:
@@ -179,7 +192,7 @@ class Store:
             self._readers.put(conn)
 
     def counts(self):
-        """Jobs per state, and the number ever enqueued."""
+        """Jobs per state, the number ever enqueued, and the backlog's iterations."""
         return dict(self._counts)
 
     def get(self, job_id):
@@ -224,11 +237,22 @@ class Store:
         row = self._read(
             lambda conn: conn.execute(
                 "SELECT AVG(duration) FROM (SELECT duration FROM jobs"
-                " WHERE done_seq IS NOT NULL ORDER BY done_seq DESC LIMIT ?)",
+                " WHERE done_seq IS NOT NULL AND duration IS NOT NULL ORDER BY done_seq DESC LIMIT ?)",
                 (last,),
             ).fetchone()
         )
         return row[0]
+
+    def seconds_per_iteration(self, last=50):
+        """Measured compute seconds per iteration over the last `last` timed jobs, or None."""
+        row = self._read(
+            lambda conn: conn.execute(
+                "SELECT SUM(duration), SUM(iterations) FROM (SELECT duration, iterations FROM jobs"
+                " WHERE done_seq IS NOT NULL AND duration IS NOT NULL ORDER BY done_seq DESC LIMIT ?)",
+                (last,),
+            ).fetchone()
+        )
+        return row[0] / row[1] if row[1] else None
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -250,6 +274,7 @@ class Store:
             conn.execute("INSERT INTO payloads (seq, data) VALUES (?, ?)", (cursor.lastrowid, data))
             counts["queued"] += 1
             counts["enqueued"] += 1
+            counts["backlog_iterations"] += iterations
             counts["wake"] += 1
             return True
 
@@ -303,10 +328,10 @@ class Store:
         (the work is deterministic); the first one is kept and any later one is ignored.
         """
         def operation(conn, now, counts):
-            row = conn.execute("SELECT seq, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT seq, state, iterations FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise UnknownJob(job_id)
-            seq, state = row
+            seq, state, iterations = row
             if state == "completed":
                 return False
             conn.execute(
@@ -318,6 +343,8 @@ class Store:
             conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
             counts[state] -= 1
             counts["completed"] += 1
+            if state in ("queued", "running"):
+                counts["backlog_iterations"] -= iterations
             return True
 
         return self._write(operation)
@@ -353,10 +380,10 @@ class Store:
 
     def _requeue(self, conn, now, counts, condition, params, reason):
         rows = conn.execute(
-            "SELECT seq, attempts FROM jobs WHERE state = 'running' AND " + condition, params
+            "SELECT seq, attempts, iterations FROM jobs WHERE state = 'running' AND " + condition, params
         ).fetchall()
         requeued = 0
-        for seq, attempts in rows:
+        for seq, attempts, iterations in rows:
             if attempts >= self.max_attempts:
                 conn.execute(
                     "UPDATE jobs SET state = 'failed', worker_id = NULL, lease_expires = NULL,"
@@ -365,6 +392,7 @@ class Store:
                 )
                 conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
                 counts["failed"] += 1
+                counts["backlog_iterations"] -= iterations
             else:
                 conn.execute(
                     "UPDATE jobs SET state = 'queued', worker_id = NULL, lease_expires = NULL,"

@@ -57,6 +57,8 @@ def fresh_counts(path):
         counts = dict.fromkeys(STATES, 0)
         counts.update(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         counts["enqueued"] = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        counts["backlog_iterations"] = conn.execute(
+            "SELECT COALESCE(SUM(iterations), 0) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
         return counts
     finally:
         conn.close()
@@ -83,7 +85,7 @@ def test_enqueue_is_idempotent_per_id(store, db_path):
     [leased] = store.lease("w1", LEASE)
     assert leased["data"] == b"first"
     assert store.counts() == fresh_counts(db_path) == {
-        "queued": 0, "running": 1, "completed": 0, "failed": 0, "enqueued": 1}
+        "queued": 0, "running": 1, "completed": 0, "failed": 0, "enqueued": 1, "backlog_iterations": 7}
 
 
 def test_a_full_queue_refuses_new_jobs_but_not_a_repeated_one(open_store, db_path):
@@ -179,7 +181,7 @@ def test_expired_jobs_are_requeued_then_failed_after_max_attempts(open_store, cl
     assert "2 attempts" in job["error"] and "lease expired" in job["error"]
     assert store.lease("w3", LEASE) == []
     assert store.counts() == fresh_counts(db_path) == {
-        "queued": 0, "running": 0, "completed": 0, "failed": 1, "enqueued": 1}
+        "queued": 0, "running": 0, "completed": 0, "failed": 1, "enqueued": 1, "backlog_iterations": 0}
 
 
 # --- results -------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def test_a_late_result_after_the_lease_moved_is_recorded_once(store, clock, db_p
     assert store.get("job")["status"] == "completed"
     assert [c["id"] for c in store.completed(10)] == ["job"]
     assert store.counts() == fresh_counts(db_path) == {
-        "queued": 0, "running": 0, "completed": 1, "failed": 0, "enqueued": 1}
+        "queued": 0, "running": 0, "completed": 1, "failed": 0, "enqueued": 1, "backlog_iterations": 0}
 
 
 def test_a_late_result_completes_a_job_that_had_failed(open_store, clock, db_path):
@@ -317,7 +319,8 @@ def test_counts_and_jobs_survive_close_and_reopen(open_store, clock, db_path):
     store.requeue_expired()  # j3 fails (one attempt); j2 stays running
     before = store.counts()
     assert before == fresh_counts(db_path) == {
-        "queued": 2, "running": 1, "completed": 2, "failed": 1, "enqueued": 6}
+        "queued": 2, "running": 1, "completed": 2, "failed": 1, "enqueued": 6,
+        "backlog_iterations": 3 + 5 + 6}
     store.close()
 
     reopened = open_store(max_attempts=1)
@@ -363,7 +366,8 @@ def test_concurrent_enqueues_all_land_and_are_readable_when_they_return(open_sto
     assert failures == []
     total = threads_count * per_thread
     assert store.counts() == fresh_counts(db_path) == {
-        "queued": total, "running": 0, "completed": 0, "failed": 0, "enqueued": total}
+        "queued": total, "running": 0, "completed": 0, "failed": 0, "enqueued": total,
+        "backlog_iterations": total}
 
 
 STORE_UNAVAILABLE_SCRIPT = r"""
@@ -404,13 +408,14 @@ def test_a_refused_write_raises_store_unavailable_and_changes_nothing(tmp_path, 
     report = json.loads(run.stdout.strip().splitlines()[-1])
     for outcome in report["outcomes"]:
         assert outcome.startswith("unavailable: "), outcome
-    assert report["during"] == {"queued": 1, "running": 0, "completed": 0, "failed": 0, "enqueued": 1}
+    assert report["during"] == {"queued": 1, "running": 0, "completed": 0, "failed": 0, "enqueued": 1,
+                                "backlog_iterations": 1}
     assert report["after"] is True  # the store works again once writes succeed
 
     store = Store(db_path, clock=clock)
     try:
         assert store.counts() == fresh_counts(db_path) == {
-            "queued": 2, "running": 0, "completed": 0, "failed": 0, "enqueued": 2}
+            "queued": 2, "running": 0, "completed": 0, "failed": 0, "enqueued": 2, "backlog_iterations": 2}
         for job_id in ("big-1000000", "big-8000000"):
             with pytest.raises(UnknownJob):
                 store.get(job_id)
@@ -501,3 +506,10 @@ class StoreCounts(RuleBasedStateMachine):
 
 TestStoreCounts = StoreCounts.TestCase
 TestStoreCounts.settings = settings(max_examples=20, stateful_step_count=25, deadline=None)
+
+
+def test_a_write_after_close_is_refused_not_hung(db_path, clock):
+    store = Store(db_path, clock=clock)
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.enqueue("late", 1, b"x")

@@ -65,7 +65,6 @@ def test_a_long_job_checks_for_a_stop_at_least_every_check_interval():
 
 
 def test_a_stop_requested_midway_abandons_the_rest_of_the_chain():
-    # 10**9 iterations would take minutes: the test only ends quickly if the stop is honoured.
     calls = []
 
     def should_stop():
@@ -73,5 +72,5 @@ def test_a_stop_requested_midway_abandons_the_rest_of_the_chain():
         return len(calls) >= 3
 
     with pytest.raises(Interrupted):
-        work_interruptibly(b"data", 10**9, should_stop)
+        work_interruptibly(b"data", 2**22, should_stop)
     assert len(calls) == 3

@@ -23,6 +23,10 @@ class Member:
 class FleetError(Exception):
     """The fleet could not do what was asked (API refused, quota, capacity); safe to retry later."""
 
+    def __init__(self, message, code="FleetError"):
+        super().__init__(message)
+        self.code = code
+
 
 class Fleet:
     """The interface every fleet implements."""
@@ -40,6 +44,10 @@ class Fleet:
     def terminate(self, worker_id):
         """Stop a worker at once, wherever it is in its work."""
         raise NotImplementedError
+
+    def check(self):
+        """Fail with FleetError when the fleet can't launch (checked when the cluster fires)."""
+        return "ready"
 
     def close(self):
         """Release what the fleet holds; workers keep running."""

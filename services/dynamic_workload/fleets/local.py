@@ -89,7 +89,10 @@ class LocalFleet(Fleet):
             if record_id != worker_id:
                 continue
             if process_start_time(pid) == start_time:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it ended on its own in the meantime
                 process = self._children.pop(pid, None)
                 if process is not None:
                     process.wait()
