@@ -40,13 +40,27 @@ $(VENV)/bin/python:
 		else echo "cannot create a venv: install python3-venv (sudo apt-get install python3-venv)"; exit 1; fi; }
 	$(VENV)/bin/pip install -q --upgrade pip
 
+# Also installs the command-line client as .venv/bin/dynamic-workload.
 $(VENV)/.run-deps: requirements.txt | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -r requirements.txt
+	printf '#!/bin/sh\nPYTHONPATH="%s/services" exec "%s/python" -m dynamic_workload "$$@"\n' "$(CURDIR)" "$(BIN)" \
+		> $(VENV)/bin/dynamic-workload
+	chmod +x $(VENV)/bin/dynamic-workload
 	touch $@
 
-# The tests also drive curl, as users do.
+# Debian packages the tests drive: curl (as users do), Chromium and its driver (the dashboard),
+# systemd-analyze (the units the roles render).
+TEST_PACKAGES := curl chromium chromium-driver systemd
+TEST_COMMANDS := curl chromium chromedriver systemd-analyze
+
 $(VENV)/.test-deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
-	@command -v curl >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq curl >/dev/null; } || \
-		{ echo "the tests need curl: sudo apt-get install curl"; exit 1; }
+	@missing=$$(for c in $(TEST_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $(TEST_PACKAGES) for: $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; \
+		else echo "the tests need: $$missing (sudo apt-get install $(TEST_PACKAGES))"; exit 1; fi; \
+	fi
 	$(VENV)/bin/pip install -q -r requirements-test.txt
-	touch $@ $(VENV)/.run-deps
+	$(MAKE) --no-print-directory $(VENV)/.run-deps
+	touch $@

@@ -1,6 +1,7 @@
 """Shared test set-up: the services package on sys.path, free ports, and waiting helpers."""
 
 import os
+import random
 import socket
 import sys
 import time
@@ -11,9 +12,17 @@ sys.path.insert(0, SERVICES)
 
 
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 and up), so that no outgoing
+    connection of a busy test run can be holding it by the time a service binds it."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_until(condition, timeout, interval=0.05, message="condition"):

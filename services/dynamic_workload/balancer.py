@@ -78,6 +78,9 @@ class Balancer:
     def status(self):
         counts = self.store.counts()
         scaler = self.scaler
+        durations = sorted(self.store.recent_durations())
+        percentiles = {f"p{p}": durations[min(len(durations) - 1, int(len(durations) * p / 100))]
+                       for p in (50, 95, 99)} if durations else {}
         return {
             "queued": counts["queued"], "running": counts["running"],
             "completed": counts["completed"], "failed": counts["failed"], "enqueued": counts["enqueued"],
@@ -85,6 +88,8 @@ class Balancer:
             "workers_booting": scaler.booting, "min_workers": self.settings.min_workers,
             "max_workers": self.settings.max_workers, "fleet": scaler.fleet.name,
             "fleet_error": scaler.fleet_error,
+            "seconds_per_iteration": scaler.seconds_per_iteration,
+            "job_seconds": percentiles,
             "decisions": [{"time": t, "wanted": d.wanted, "launch": d.launch, "reason": d.reason}
                           for t, d in scaler.decisions],
         }
@@ -101,6 +106,9 @@ class Balancer:
                            [({}, counts["enqueued"])]),
             metrics.family("dynamic_workload_worker_launches", "counter", "Workers launched by the scaler.",
                            [({}, scaler.launches_total)]),
+            metrics.family("dynamic_workload_scaler_ticks", "counter",
+                           "Scaler ticks by outcome: launch, hold (enough workers), backoff (fleet errors).",
+                           [({"outcome": k}, v) for k, v in scaler.ticks.items()]),
             metrics.family("dynamic_workload_fleet_errors", "counter",
                            "Fleet API calls that failed (the scaler backs off after each).",
                            [({}, scaler.fleet_errors_total)]),

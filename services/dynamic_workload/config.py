@@ -44,6 +44,8 @@ class Settings:
     launch_template_version: str = "$Latest"
     # EC2 fleet: ask for spot workers first, falling back to on-demand when spot is refused.
     worker_spot: bool = False
+    # Log every job's steps (see logs.py).
+    verbose: bool = False
 
     @classmethod
     def from_env(cls, environ=None):

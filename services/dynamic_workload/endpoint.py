@@ -18,6 +18,11 @@ from .config import Settings
 from .httpserver import HttpError, parse_int, route
 from .multipart import MultipartError, extract_data
 
+# Seconds to wait for the balancer's answer: a read is quick; an enqueue waits for a commit
+# (a group commit under load, a 16 MiB payload) and is worth waiting for longer.
+READ_TIMEOUT = 5
+ENQUEUE_TIMEOUT = 30
+
 
 class Endpoint:
     def __init__(self, settings, client, clock=time.monotonic, sleep=time.sleep):
@@ -29,13 +34,13 @@ class Endpoint:
             "dynamic_workload_endpoint_request_duration_seconds", "Endpoint request latency.",
             metrics.REQUEST_BUCKETS, ("method", "code"))
 
-    def forward(self, method, path, body=None):
+    def forward(self, method, path, body=None, timeout=READ_TIMEOUT):
         """Send a request to the balancer, retrying while it is away (every route is repeatable)."""
         deadline = self.clock() + self.settings.balancer_retry_seconds
         delay = 0.05
         while True:
             try:
-                return self.client.request(method, path, body)
+                return self.client.request(method, path, body, timeout=timeout)
             except BalancerUnreachable as error:
                 if self.clock() + delay > deadline:
                     logs.event("balancer_unreachable", error=str(error))
@@ -88,7 +93,7 @@ class EndpointHandler(httpserver.Handler):
         if not data:
             raise HttpError(400, "empty data; send the job's bytes, e.g. curl -F data=@FILE")
         job_id = uuid.uuid4().hex
-        answer = self.app.forward("PUT", f"/jobs/{job_id}?iterations={iterations}", data)
+        answer = self.app.forward("PUT", f"/jobs/{job_id}?iterations={iterations}", data, timeout=ENQUEUE_TIMEOUT)
         if answer.status in (200, 201):
             return self.send_json(201, {"id": job_id, "status": "queued", "iterations": iterations,
                                         "size": len(data)})

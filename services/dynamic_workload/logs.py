@@ -1,6 +1,11 @@
-"""Logging as one JSON object per line: time, service, event and the fields that matter."""
+"""Logging as one JSON object per line: time, service, event and the fields that matter.
+
+Quiet by default: notable events only (starts, stops, scaling, failures). With ``-v`` or
+``DW_VERBOSE=1`` every job's enqueue, lease and completion is logged too, with its id.
+"""
 
 import json
+import os
 import sys
 import threading
 import time
@@ -12,7 +17,8 @@ _verbose = False
 
 def configure(service: str, verbose: bool = False):
     global _service, _verbose
-    _service, _verbose = service, verbose
+    _service = service
+    _verbose = verbose or os.environ.get("DW_VERBOSE", "").lower() in ("1", "true", "yes")
 
 
 def event(name: str, **fields):

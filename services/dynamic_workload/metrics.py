@@ -26,11 +26,16 @@ def _number(value):
 
 
 def family(name, kind, help_text, samples):
-    """Render one metric family; `samples` is a list of (labels dict, value)."""
+    """Render one metric family; `samples` is a list of (labels dict, value).
+
+    In this text format a counter's HELP and TYPE lines name it with its ``_total`` suffix,
+    exactly as its samples do.
+    """
+    if kind == "counter" and not name.endswith("_total"):
+        name += "_total"
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    suffix = "_total" if kind == "counter" and not name.endswith("_total") else ""
     for labels, value in samples:
-        lines.append(f"{name}{suffix}{_labels(labels)} {_number(value)}")
+        lines.append(f"{name}{_labels(labels)} {_number(value)}")
     return "\n".join(lines) + "\n"
 
 

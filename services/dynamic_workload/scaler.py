@@ -123,6 +123,9 @@ class Scaler:
         self.decisions = []  # the latest decisions, newest last: (time, Decision)
         self.fleet_error = None
         self.fleet_errors_total = 0
+        self.seconds_per_iteration = None  # as measured at the last tick
+        # Ticks by outcome: launched workers, held (enough workers), backed off (fleet errors).
+        self.ticks = {"launch": 0, "hold": 0, "backoff": 0}
         self.launches_total = 0
         self.terminations_total = 0
         self._retry_at = 0.0
@@ -136,6 +139,7 @@ class Scaler:
         now = self.clock()
         self.store.requeue_expired()
         if now < self._retry_at:
+            self.ticks["backoff"] += 1
             return None
         try:
             decision = self._tick_fleet(now)
@@ -148,9 +152,11 @@ class Scaler:
             self.fleet_error = f"{error} (retrying in {delay:.1f} s)"
             self.fleet_errors_total += 1
             logs.event("fleet_error", error=str(error), code=error.code, retry_in=round(delay, 1))
+            self.ticks["backoff"] += 1
             return None
         self._backoff = 0.0
         self.fleet_error = None
+        self.ticks["launch" if decision.launch else "hold"] += 1
         return decision
 
     def _tick_fleet(self, now):
@@ -179,6 +185,7 @@ class Scaler:
             backlog_iterations=counts["backlog_iterations"],
             seconds_per_iteration=self.store.seconds_per_iteration(), live=live, booting=booting,
         )
+        self.seconds_per_iteration = seen.seconds_per_iteration
         decision = decide(seen, min_workers=self.settings.min_workers,
                           max_workers=self.settings.max_workers,
                           target_wait=self.settings.target_wait_seconds)

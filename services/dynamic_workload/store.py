@@ -243,6 +243,17 @@ class Store:
         )
         return row[0]
 
+    def recent_durations(self, last=200):
+        """Compute seconds of the last `last` timed jobs, newest first."""
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT duration FROM jobs WHERE done_seq IS NOT NULL AND duration IS NOT NULL"
+                " ORDER BY done_seq DESC LIMIT ?",
+                (last,),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
     def seconds_per_iteration(self, last=50):
         """Measured compute seconds per iteration over the last `last` timed jobs, or None."""
         row = self._read(

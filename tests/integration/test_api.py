@@ -140,12 +140,47 @@ def test_unknown_routes_and_wrong_methods(cluster):
     assert request(cluster.endpoint_port, "GET", "/healthz").status == 200
 
 
-def test_metrics_and_dashboard(cluster):
+def scrape(port):
     from prometheus_client.parser import text_string_to_metric_families
 
-    answer = request(cluster.endpoint_port, "GET", "/metrics")
+    answer = request(port, "GET", "/metrics")
     assert answer.status == 200
-    families = {f.name: f for f in text_string_to_metric_families(answer.body.decode())}
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {f.name: f for f in text_string_to_metric_families(answer.body.decode())}
+
+
+def sample(families, family, name, **labels):
+    for s in families[family].samples:
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_metrics_move_with_the_work(cluster):
+    before = scrape(cluster.endpoint_port)
+    ids = [cluster.enqueue(b"metrics %d" % n, 1000).json()["id"] for n in range(3)]
+    cluster.wait_completed(ids, timeout=30)
+    after = scrape(cluster.endpoint_port + 1)
+    enqueued = "dynamic_workload_jobs_enqueued"
+    assert sample(after, enqueued, enqueued + "_total") == sample(before, enqueued, enqueued + "_total") + 3
+    jobs = "dynamic_workload_jobs"
+    assert sample(after, jobs, jobs, state="completed") >= sample(before, jobs, jobs, state="completed") + 3
+    duration = "dynamic_workload_job_duration_seconds"
+    assert sample(after, duration, duration + "_count") >= sample(before, duration, duration + "_count") + 3
+    wait = "dynamic_workload_queue_wait_seconds"
+    assert sample(after, wait, wait + "_count") >= sample(before, wait, wait + "_count") + 3
+    requests = "dynamic_workload_endpoint_request_duration_seconds"
+    assert sample(after, requests, requests + "_count", method="GET", code="200") >= 1
+    assert sample(after, "dynamic_workload_endpoint_balancer_up", "dynamic_workload_endpoint_balancer_up") == 1
+    ticks = "dynamic_workload_scaler_ticks"
+
+    def all_ticks(families):
+        return sum(sample(families, ticks, ticks + "_total", outcome=o) for o in ("launch", "hold", "backoff"))
+    assert all_ticks(after) > all_ticks(before)
+
+
+def test_metrics_and_dashboard(cluster):
+    families = scrape(cluster.endpoint_port)
     assert families["dynamic_workload_jobs"].type == "gauge"
     states = {s.labels["state"] for s in families["dynamic_workload_jobs"].samples}
     assert states == {"queued", "running", "completed", "failed"}
@@ -170,3 +205,30 @@ def test_the_balancer_requires_the_token(cluster):
     assert request(port, "GET", "/metrics").status == 200
     good = {"Authorization": f"Bearer {cluster.token}"}
     assert request(port, "GET", "/status", headers=good).status == 200
+
+
+def test_every_log_line_is_a_json_object_with_time_service_and_event(cluster):
+    import glob
+
+    cluster.wait_completed([cluster.enqueue(b"logged", 1).json()["id"]], timeout=30)
+    lines = 0
+    for path in glob.glob(os.path.join(cluster.state_dir, "logs", "*.log")):
+        with open(path) as log:
+            for line in log:
+                record = json.loads(line)
+                assert {"time", "service", "event"} <= record.keys(), (path, line)
+                lines += 1
+    assert lines >= 4  # supervisor, balancer, endpoints, workers
+
+
+def test_verbose_logs_name_each_job(tmp_path):
+    cluster = LocalCluster(tmp_path, local_cluster_verbose=True)
+    cluster.fire()
+    try:
+        job_id = cluster.enqueue(b"traced", 1).json()["id"]
+        cluster.wait_completed([job_id], timeout=30)
+        with open(os.path.join(cluster.state_dir, "logs", "balancer.log")) as log:
+            events = {json.loads(line)["event"] for line in log if job_id in line}
+        assert {"enqueued", "leased", "completed"} <= events
+    finally:
+        cluster.teardown()
