@@ -17,13 +17,11 @@ A lease long-polls: it waits up to ``wait`` seconds for a job instead of answeri
 so idle workers cost nothing and a new job starts within milliseconds.
 """
 
-import argparse
 import base64
 import hmac
 import json
 import os
 import re
-import signal
 import threading
 import time
 
@@ -259,21 +257,14 @@ class BalancerHandler(httpserver.Handler):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dynamic_workload balancer", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5100)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    args = httpserver.service_arguments("dynamic_workload balancer", __doc__.splitlines()[0], 5100).parse_args(argv)
     logs.configure("balancer", args.verbose)
     settings = Settings.from_env()
     if not settings.token:
         raise SystemExit("DW_TOKEN is not set: the balancer refuses to run without the cluster's token")
     os.makedirs(settings.state_dir, exist_ok=True)
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-
+    stopping = httpserver.stop_on_signals()
     clock = time.time
     store = Store(os.path.join(settings.state_dir, "jobs.db"), max_queued=settings.max_queued,
                   max_attempts=settings.max_attempts, clock=clock)
@@ -282,16 +273,12 @@ def main(argv=None):
     scaler = Scaler(store, fleet, settings, registry, clock)
     app = Balancer(settings, store, scaler, registry)
     server = httpserver.serve(app, BalancerHandler, args.host, args.port)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     scaler_thread = threading.Thread(target=scaler.run, args=(stopping,), name="scaler", daemon=True)
     scaler_thread.start()
     logs.event("started", address=f"http://{args.host}:{args.port}", fleet=fleet.name,
                counts=store.counts())
-    while not stopping.wait(1.0):
-        pass
+    httpserver.serve_until(server, stopping)
     logs.event("stopping")
-    server.shutdown()
-    server.server_close()
     scaler_thread.join(timeout=10)
     fleet.close()
     store.close()

@@ -14,7 +14,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import sys
 import time
 import urllib.parse

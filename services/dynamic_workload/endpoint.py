@@ -6,9 +6,6 @@ it, so when the balancer's answer is lost the enqueue is simply repeated under t
 id: the balancer stores it once, and the client gets its 2xx only after the commit.
 """
 
-import argparse
-import signal
-import threading
 import time
 import uuid
 
@@ -126,22 +123,12 @@ class EndpointHandler(httpserver.Handler):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dynamic_workload endpoint", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    args = httpserver.service_arguments("dynamic_workload endpoint", __doc__.splitlines()[0], 5000).parse_args(argv)
     logs.configure("endpoint", args.verbose)
     settings = Settings.from_env()
     app = Endpoint(settings, BalancerClient(settings.balancer_url, settings.token))
     server = httpserver.serve(app, EndpointHandler, args.host, args.port)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    stopping = httpserver.stop_on_signals()
     logs.event("started", address=f"http://{args.host}:{args.port}", balancer=settings.balancer_url)
-    while not stopping.wait(1.0):
-        pass
-    server.shutdown()
-    server.server_close()
+    httpserver.serve_until(server, stopping)
     logs.event("stopped")

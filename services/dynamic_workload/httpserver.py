@@ -14,10 +14,13 @@
 - a bug in a route answers 500 and is logged; it never drops the connection silently.
 """
 
+import argparse
 import http.server
 import json
 import re
+import signal
 import socket
+import threading
 import time
 import urllib.parse
 
@@ -247,6 +250,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def serve(app, handler_class, host, port):
     """Create the server, bound and listening; the caller runs serve_forever()."""
     return Server((host, port), handler_class, app)
+
+
+def service_arguments(prog, description, default_port):
+    """The command line every HTTP service takes: --host, --port, -v."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every job's steps")
+    return parser
+
+
+def stop_on_signals():
+    """An Event that SIGTERM and SIGINT set (the handlers do nothing else)."""
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    return stopping
+
+
+def serve_until(server, stopping):
+    """Serve on a background thread until `stopping` is set; then stop accepting and close."""
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    while not stopping.wait(1.0):
+        pass
+    server.shutdown()
+    server.server_close()
 
 
 def parse_int(raw, name, low, high, default=None):

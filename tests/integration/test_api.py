@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from cluster import LocalCluster, contract_work, request
+from conftest import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -176,7 +177,7 @@ def test_metrics_move_with_the_work(cluster):
 
     def all_ticks(families):
         return sum(sample(families, ticks, ticks + "_total", outcome=o) for o in ("launch", "hold", "backoff"))
-    assert all_ticks(after) > all_ticks(before)
+    wait_until(lambda: all_ticks(scrape(cluster.endpoint_port)) > all_ticks(before), 5, message="a scaler tick")
 
 
 def test_metrics_and_dashboard(cluster):

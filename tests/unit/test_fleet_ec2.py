@@ -11,7 +11,6 @@ import types
 
 import pytest
 
-from unit_support import wait_until
 from dynamic_workload.config import Settings
 from dynamic_workload.fleets import FleetError
 from dynamic_workload.fleets.ec2 import CLUSTER_TAG, ROLE_TAG, Ec2Fleet
