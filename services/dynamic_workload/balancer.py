@@ -46,6 +46,7 @@ class Balancer:
         self.scaler = scaler
         self.registry = registry
         self.bundle = bundle.build()
+        self.upload_budget = httpserver.ByteBudget(settings.upload_budget_bytes)
         # Idle workers told they may end themselves, and when: only as many as the floor
         # (min_workers) allows, so that idle workers don't all leave at once.
         self._leaving = {}
@@ -181,7 +182,7 @@ class BalancerHandler(httpserver.Handler):
     def enqueue(self, job_id):
         settings = self.app.settings
         iterations = parse_int(self.query.get("iterations"), "iterations", 1, settings.max_iterations)
-        data = self.read_body(settings.max_body_bytes)
+        data = self.read_body(settings.max_body_bytes, self.app.upload_budget)
         if not data:
             raise HttpError(400, "empty data")
         try:

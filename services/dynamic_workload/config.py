@@ -44,6 +44,8 @@ class Settings:
     launch_template_version: str = "$Latest"
     # EC2 fleet: ask for spot workers first, falling back to on-demand when spot is refused.
     worker_spot: bool = False
+    # Request bodies an endpoint or the balancer holds in memory at once; past it, 503.
+    upload_budget_bytes: int = 256 * 1024 * 1024
     # Log every job's steps (see logs.py).
     verbose: bool = False
 

@@ -27,6 +27,7 @@ class Endpoint:
         self.client = client
         self.clock = clock
         self.sleep = sleep
+        self.upload_budget = httpserver.ByteBudget(settings.upload_budget_bytes)
         self.request_seconds = metrics.Histogram(
             "dynamic_workload_endpoint_request_duration_seconds", "Endpoint request latency.",
             metrics.REQUEST_BUCKETS, ("method", "code"))
@@ -82,7 +83,7 @@ class EndpointHandler(httpserver.Handler):
         iterations = parse_int(self.query.get("iterations"), "iterations", 1, settings.max_iterations)
         # The limit is on the request body as sent (a form's envelope included), so that it
         # is decided from Content-Length before a byte of the upload is read.
-        body = self.read_body(settings.max_body_bytes)
+        body = self.read_body(settings.max_body_bytes, self.app.upload_budget)
         try:
             data = extract_data(self.headers.get("Content-Type", ""), body)
         except MultipartError as error:

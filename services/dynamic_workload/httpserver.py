@@ -37,19 +37,69 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
+_BUSY_BODY = b'{"error": "too many connections at once; retry shortly"}\n'
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024
+    # Each connection gets a thread; past this many at once a new connection is answered 503
+    # at once instead, so that a flood of clients can't grow the process without bound.
+    max_connections = 1000
 
     def __init__(self, address, handler_class, app):
         self.app = app
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, handler_class)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1)
+                request.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self):
         # Small answers must leave at once; the buffered wfile already batches each answer.
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().server_bind()
+
+
+class ByteBudget:
+    """Bytes of request bodies held in memory at once, across all connections.
+
+    A route reserves a body's size before reading it and gives it back when done; when the
+    budget is spent the request is refused with 503 (retry shortly) instead of being read.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size):
+        with self._lock:
+            if self.used + size > self.limit and self.used > 0:
+                return False
+            self.used += size
+            return True
+
+    def release(self, size):
+        with self._lock:
+            self.used -= size
 
 
 def route(pattern, **methods):
@@ -86,6 +136,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def parse_request(self):
+        self._reserved = []
         self._expects_continue = False
         self._body_consumed = False
         self._started = time.monotonic()
@@ -121,6 +172,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 self.close_connection = True
         finally:
+            for budget, size in self._reserved:
+                budget.release(size)
+            self._reserved = []
             self.observe(method, status, time.monotonic() - self._started)
 
     def check_access(self, method, path):
@@ -142,11 +196,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HttpError(400, f"Content-Length {raw!r} is not a size in bytes")
         return int(raw)
 
-    def read_body(self, limit):
-        """Read the whole body, refusing with 413 (before reading) when it exceeds `limit`."""
+    def read_body(self, limit, budget=None):
+        """Read the whole body, refusing with 413 (before reading) when it exceeds `limit`.
+
+        With a ByteBudget, the body's size is reserved first (503 when it is spent) and
+        given back when the request is done.
+        """
         length = self.declared_length()
         if length is not None and length > limit:
             raise HttpError(413, f"body of {length} bytes is above the limit of {limit} bytes")
+        if budget is not None:
+            reserved = limit if length is None else length
+            if not budget.reserve(reserved):
+                raise HttpError(503, "too many uploads in progress; retry shortly", {"Retry-After": "1"})
+            self._reserved.append((budget, reserved))
         if self._expects_continue:
             self.send_response_only(100)
             self.end_headers()
