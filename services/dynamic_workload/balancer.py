@@ -40,8 +40,10 @@ MAX_LEASE_WAIT = 20
 class Balancer:
     """What the balancer's routes work with: settings, store, scaler and metrics."""
 
-    def __init__(self, settings, store, scaler, registry):
+    def __init__(self, settings, store, scaler, registry, stopping=None):
         self.settings = settings
+        self.stopping = stopping
+        self.restart_reason = None
         self.store = store
         self.scaler = scaler
         self.registry = registry
@@ -59,6 +61,15 @@ class Balancer:
         self.request_seconds = metrics.Histogram(
             "dynamic_workload_balancer_request_duration_seconds", "Balancer request latency.",
             metrics.REQUEST_BUCKETS, ("method", "code"))
+
+    def restart(self, reason):
+        """Stop so that the supervisor (or systemd) starts a fresh process: the only cure for
+        a database SQLite has opened read-only."""
+        if self.restart_reason is None:
+            self.restart_reason = reason
+            logs.event("restart_requested", reason=reason)
+            if self.stopping is not None:
+                self.stopping.set()
 
     def may_leave(self, worker_id, now):
         """Whether an idle worker may end itself without taking the fleet below min_workers."""
@@ -135,6 +146,16 @@ class BalancerHandler(httpserver.Handler):
     def observe(self, method, status, seconds):
         self.app.request_seconds.observe(seconds, method, str(status))
 
+    def translate(self, error):
+        # Any route that writes: the disk is full or read-only. Nothing was changed; retry later.
+        if isinstance(error, StoreUnavailable):
+            logs.event("store_unavailable", path=self.route_path, error=str(error))
+            if error.readonly:
+                self.app.restart("the job database became read-only")
+            return HttpError(507, "the balancer cannot write its job database now (disk full or read-only);"
+                                  " retry later", {"Retry-After": "5"})
+        return None
+
     def check_access(self, method, path):
         # Every request needs the token, unknown routes included, except health and metrics.
         if method == "GET" and path in ("/healthz", "/metrics"):
@@ -190,10 +211,6 @@ class BalancerHandler(httpserver.Handler):
         except QueueFull:
             raise HttpError(429, f"the queue is full ({settings.max_queued} jobs waiting); retry later",
                             {"Retry-After": "1"}) from None
-        except StoreUnavailable as error:
-            logs.event("store_unavailable", error=str(error))
-            raise HttpError(507, "the balancer cannot store jobs now (disk full or read-only); retry later",
-                            {"Retry-After": "5"}) from None
         logs.detail("enqueued", job=job_id, iterations=iterations, size=len(data))
         return self.send_json(201 if created else 200, {"id": job_id, "status": "queued"})
 
@@ -242,8 +259,6 @@ class BalancerHandler(httpserver.Handler):
             recorded = self.app.store.complete(job_id, result, worker_id, duration)
         except UnknownJob:
             raise HttpError(404, f"no job {job_id}") from None
-        except StoreUnavailable as error:
-            raise HttpError(503, str(error), {"Retry-After": "5"}) from None
         if recorded:
             if duration is not None:
                 self.app.job_seconds.observe(duration)
@@ -267,12 +282,18 @@ def main(argv=None):
 
     stopping = httpserver.stop_on_signals()
     clock = time.time
-    store = Store(os.path.join(settings.state_dir, "jobs.db"), max_queued=settings.max_queued,
-                  max_attempts=settings.max_attempts, clock=clock)
+    try:
+        store = Store(os.path.join(settings.state_dir, "jobs.db"), max_queued=settings.max_queued,
+                      max_attempts=settings.max_attempts, clock=clock)
+    except StoreUnavailable as error:
+        # Exit (and be restarted with backoff) until the database can be written: a balancer
+        # that can't store anything must not look healthy.
+        logs.event("store_unavailable", error=str(error))
+        return 1
     registry = WorkerRegistry(clock)
     fleet = make_fleet(settings, clock)
     scaler = Scaler(store, fleet, settings, registry, clock)
-    app = Balancer(settings, store, scaler, registry)
+    app = Balancer(settings, store, scaler, registry, stopping)
     server = httpserver.serve(app, BalancerHandler, args.host, args.port)
     scaler_thread = threading.Thread(target=scaler.run, args=(stopping,), name="scaler", daemon=True)
     scaler_thread.start()
@@ -283,4 +304,5 @@ def main(argv=None):
     scaler_thread.join(timeout=10)
     fleet.close()
     store.close()
-    logs.event("stopped")
+    logs.event("stopped", restart=app.restart_reason)
+    return 1 if app.restart_reason else 0

@@ -15,6 +15,10 @@ from .config import Settings
 from .httpserver import HttpError, parse_int, route
 from .multipart import MultipartError, extract_data
 
+# After the balancer says the queue is full, refuse enqueues here, without reading them or
+# asking the balancer, for this long: under overload, refusing must cost next to nothing.
+FULL_HOLD_SECONDS = 0.2
+
 # Seconds to wait for the balancer's answer: a read is quick; an enqueue waits for a commit
 # (a group commit under load, a 16 MiB payload) and is worth waiting for longer.
 READ_TIMEOUT = 5
@@ -28,6 +32,7 @@ class Endpoint:
         self.clock = clock
         self.sleep = sleep
         self.upload_budget = httpserver.ByteBudget(settings.upload_budget_bytes)
+        self.full_until = 0.0  # monotonic time until which the queue is taken to be full
         self.request_seconds = metrics.Histogram(
             "dynamic_workload_endpoint_request_duration_seconds", "Endpoint request latency.",
             metrics.REQUEST_BUCKETS, ("method", "code"))
@@ -81,6 +86,8 @@ class EndpointHandler(httpserver.Handler):
     def enqueue(self):
         settings = self.app.settings
         iterations = parse_int(self.query.get("iterations"), "iterations", 1, settings.max_iterations)
+        if self.app.clock() < self.app.full_until:
+            raise HttpError(429, "the queue is full; retry later", {"Retry-After": "1"})
         # The limit is on the request body as sent (a form's envelope included), so that it
         # is decided from Content-Length before a byte of the upload is read.
         body = self.read_body(settings.max_body_bytes, self.app.upload_budget)
@@ -95,6 +102,8 @@ class EndpointHandler(httpserver.Handler):
         if answer.status in (200, 201):
             return self.send_json(201, {"id": job_id, "status": "queued", "iterations": iterations,
                                         "size": len(data)})
+        if answer.status == 429:
+            self.app.full_until = self.app.clock() + FULL_HOLD_SECONDS
         return self.relay(answer)
 
     def pull_completed(self):

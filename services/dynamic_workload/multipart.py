@@ -29,7 +29,10 @@ def form_field(content_type: str, body: bytes, name: str) -> bytes:
     if boundary is None:
         raise MultipartError("multipart/form-data without a boundary; send the form with curl -F data=@FILE")
     # The closing delimiter proves the upload arrived whole; without it the part is truncated.
-    delimiter = b"--" + boundary.encode("latin-1")
+    try:
+        delimiter = b"--" + boundary.encode("ascii")
+    except UnicodeEncodeError:
+        raise MultipartError("the multipart boundary must be ASCII") from None
     if delimiter + b"--" not in body:
         raise MultipartError("multipart body has no closing delimiter; the upload was cut short")
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")

@@ -61,7 +61,19 @@ class UnknownJob(KeyError):
 
 
 class StoreUnavailable(Exception):
-    """The database refused a write (disk full, read-only, I/O error); nothing was changed."""
+    """The database refused a write (disk full, read-only, I/O error); nothing was changed.
+
+    `readonly` tells a read-only database apart: SQLite keeps a database it opened read-only
+    that way for the life of the process, so only a new process can write to it again.
+    """
+
+    def __init__(self, message, readonly=False):
+        super().__init__(message)
+        self.readonly = readonly
+
+    @classmethod
+    def from_sqlite(cls, error):
+        return cls(f"the job database refused the write: {error}", readonly="readonly" in str(error))
 
 
 class Store:
@@ -76,7 +88,13 @@ class Store:
         self.work_available = threading.Condition()
         self.generation = 0
         writer = self._connect()
-        writer.executescript(SCHEMA)
+        try:
+            writer.executescript(SCHEMA)
+            # A real write, so that a database that can't be written fails here, at start.
+            writer.execute("PRAGMA user_version = 1")
+        except sqlite3.OperationalError as error:
+            writer.close()
+            raise StoreUnavailable.from_sqlite(error) from None
         self._counts = dict.fromkeys(STATES, 0)
         for state, count in writer.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             self._counts[state] = count
@@ -152,7 +170,7 @@ class Store:
                     conn.execute("ROLLBACK TO operation")
                     conn.execute("RELEASE operation")
                     if isinstance(error, sqlite3.Error):
-                        error = StoreUnavailable(f"the job database refused the write: {error}")
+                        error = StoreUnavailable.from_sqlite(error)
                     outcomes.append((future, None, error))
                 else:
                     conn.execute("RELEASE operation")
@@ -165,7 +183,7 @@ class Store:
                 except sqlite3.Error:
                     pass
             for _, future in batch:
-                future.set_exception(StoreUnavailable(f"the job database refused the write: {error}"))
+                future.set_exception(StoreUnavailable.from_sqlite(error))
             return
         woken = counts.pop("wake")
         self._counts = counts
@@ -190,6 +208,9 @@ class Store:
             return query(conn)
         finally:
             self._readers.put(conn)
+
+    def _exists(self, job_id):
+        return self._read(lambda conn: conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone()) is not None
 
     def counts(self):
         """Jobs per state, the number ever enqueued, and the backlog's iterations."""
@@ -273,6 +294,8 @@ class Store:
         Ids come from the caller so that a retried enqueue (the answer was lost) can't
         create the job twice. Raises QueueFull when `max_queued` jobs are waiting.
         """
+        if self._counts["queued"] >= self.max_queued and not self._exists(job_id):
+            raise QueueFull()  # refused without waiting for the writer; checked again inside
         def operation(conn, now, counts):
             if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
                 return False

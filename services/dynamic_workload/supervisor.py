@@ -138,17 +138,33 @@ class Supervisor:
         self.stopping = True
 
     def spawn(self, service):
-        with open(os.path.join(self.log_dir, service["name"] + ".log"), "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "dynamic_workload", *service["argv"]],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, close_fds=True,
-            )
+        name = service["name"]
+        try:
+            with open(os.path.join(self.log_dir, name + ".log"), "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "dynamic_workload", *service["argv"]],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, close_fds=True,
+                )
+        except OSError as error:  # e.g. its log can't be opened on a full or read-only disk
+            self.schedule_restart(service, f"could not start: {error}")
+            return
         self.running[process.pid] = service
-        self.started_at[service["name"]] = time.monotonic()
-        self.log(f"started {service['name']} pid {process.pid}")
+        self.started_at[name] = time.monotonic()
+        self.log(f"started {name} pid {process.pid}")
+
+    def schedule_restart(self, service, why):
+        name = service["name"]
+        ran = time.monotonic() - self.started_at.get(name, time.monotonic())
+        delay = RESTART_FIRST if ran > STABLE_AFTER else min(RESTART_MAX, self.backoff.get(name, 0) * 2 or RESTART_FIRST)
+        self.backoff[name] = delay
+        self.restart_at[name] = time.monotonic() + delay
+        self.log(f"{name} {why} after {ran:.1f} s; restarting in {delay:.1f} s")
 
     def log(self, message):
-        print(json.dumps({"time": round(time.time(), 3), "service": "supervisor", "event": message}), flush=True)
+        try:
+            print(json.dumps({"time": round(time.time(), 3), "service": "supervisor", "event": message}), flush=True)
+        except OSError:
+            pass  # a full or read-only disk must not stop the supervision, only its log
 
     def run(self):
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -158,14 +174,8 @@ class Supervisor:
         while not self.stopping:
             for pid, status in reap().items():
                 service = self.running.pop(pid, None)
-                if service is None:
-                    continue  # an adopted orphan (a worker whose balancer died)
-                name = service["name"]
-                ran = time.monotonic() - self.started_at[name]
-                delay = RESTART_FIRST if ran > STABLE_AFTER else min(RESTART_MAX, self.backoff.get(name, 0) * 2 or RESTART_FIRST)
-                self.backoff[name] = delay
-                self.restart_at[name] = time.monotonic() + delay
-                self.log(f"{name} exited with status {status} after {ran:.1f} s; restarting in {delay:.1f} s")
+                if service is not None:  # else an adopted orphan (a worker whose balancer died)
+                    self.schedule_restart(service, f"exited with status {status}")
             for service in self.services:
                 due = self.restart_at.get(service["name"])
                 if due is not None and time.monotonic() >= due:
@@ -173,8 +183,33 @@ class Supervisor:
                     self.spawn(service)
             time.sleep(0.05)
         self.log("stopping")
-        end_group(os.getpgid(0), self.grace, exclude=(os.getpid(),))
+        self.stop_in_order()
         self.log("stopped")
+
+    def stop_in_order(self):
+        """Stop workers first, then the services from the last listed to the first (the balancer).
+
+        Workers finishing their job can still post it, and endpoints can still answer, while
+        the balancer is up; what is left after the grace period is killed.
+        """
+        me = os.getpid()
+        group = os.getpgid(0)
+        deadline = time.monotonic() + self.grace
+        services = {pid: self.services.index(service) for pid, service in self.running.items()}
+        # Workers (and anything not a service) first, then services in reverse order.
+        waves = [lambda pid: pid not in services]
+        waves += [lambda pid, p=pid: pid == p for pid in sorted(services, key=services.get, reverse=True)]
+        for in_wave in waves:
+            members = [pid for pid in group_members(group) if pid != me and in_wave(pid)]
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            while time.monotonic() < deadline and set(members) & set(group_members(group)):
+                reap()
+                time.sleep(0.05)
+        end_group(group, 0, exclude=(me,))
 
 
 def start(run_dir, grace):

@@ -97,6 +97,8 @@ class LocalCluster:
 
     def fire(self, *options):
         code, output = playbook("fire.yml", self.vars, *options)
+        if code != 0 and "--check" not in options:
+            playbook("teardown.yml", self.vars)  # a half-fired cluster must not outlive the test
         assert code == 0, output
         return output
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 
-from . import Fleet, Member
+from . import Fleet, FleetError, Member
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,18 +46,31 @@ class LocalFleet(Fleet):
         env = dict(os.environ)
         env["PYTHONPATH"] = PACKAGE_PARENT
         env["DW_BALANCER_URL"] = self.settings.balancer_url
-        with open(self.log_path, "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "dynamic_workload", "worker", "--worker-id", worker_id],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True,
-            )
-        self._children[process.pid] = process
+        path = os.path.join(self.pid_dir, worker_id + ".pid")
+        try:
+            with open(self.log_path, "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "dynamic_workload", "worker", "--worker-id", worker_id],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, close_fds=True,
+                )
+        except OSError as error:
+            raise FleetError(f"cannot start a worker process: {error}", "LocalStartFailed") from None
         launched_at = self.clock()
         start_time = process_start_time(process.pid) or b"?"
-        path = os.path.join(self.pid_dir, worker_id + ".pid")
-        with open(path + ".tmp", "w") as record:
-            record.write(f"{process.pid} {start_time.decode()} {launched_at}\n")
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as record:
+                record.write(f"{process.pid} {start_time.decode()} {launched_at}\n")
+            os.replace(path + ".tmp", path)
+        except OSError as error:
+            # A worker nobody knows of would never be counted, capped or stopped: end it.
+            process.kill()
+            process.wait()
+            try:
+                os.unlink(path + ".tmp")
+            except OSError:
+                pass
+            raise FleetError(f"cannot record a worker process: {error}", "LocalRecordFailed") from None
+        self._children[process.pid] = process
         return Member(worker_id, launched_at)
 
     def _records(self):
