@@ -2,6 +2,7 @@
 #   make fire [INVENTORY=inventory/aws.yml] [ARGS='-e cluster_max_workers=8']
 #   make teardown [INVENTORY=...]
 #   make test
+#   make bench
 #   make lint
 PYTHON ?= python3
 VENV := .venv
@@ -24,6 +25,12 @@ test: $(VENV)/.test-deps
 
 lint: $(VENV)/.test-deps
 	$(RUN) ansible-lint --profile production
+
+# Benchmarks (see the README): the peer (rq, redis), the plot (matplotlib) and the profiler
+# (py-spy) into the venv; redis-server and wrk from Debian when run as root. Without wrk the
+# bench falls back to Python load processes.
+bench: $(VENV)/.bench-deps
+	$(RUN) python bench/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)
@@ -62,5 +69,20 @@ $(VENV)/.test-deps: requirements.txt requirements-test.txt | $(VENV)/bin/python
 		else echo "the tests need: $$missing (sudo apt-get install $(TEST_PACKAGES))"; exit 1; fi; \
 	fi
 	$(VENV)/bin/pip install -q -r requirements-test.txt
+	$(MAKE) --no-print-directory $(VENV)/.run-deps
+	touch $@
+
+BENCH_PACKAGES := redis-server wrk
+
+$(VENV)/.bench-deps: bench/requirements.txt requirements.txt | $(VENV)/bin/python
+	@if ! command -v redis-server >/dev/null || ! command -v wrk >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $(BENCH_PACKAGES)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BENCH_PACKAGES) >/dev/null; \
+		elif ! command -v redis-server >/dev/null; then \
+			echo "the bench needs redis-server (sudo apt-get install $(BENCH_PACKAGES))"; exit 1; \
+		else echo "wrk is missing: the bench will use Python load processes (sudo apt-get install wrk)"; fi; \
+	fi
+	$(VENV)/bin/pip install -q -r bench/requirements.txt
 	$(MAKE) --no-print-directory $(VENV)/.run-deps
 	touch $@
