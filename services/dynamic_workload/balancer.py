@@ -7,14 +7,18 @@ Every route but ``/healthz`` and ``/metrics`` requires the cluster's token
     GET  /jobs/<id>                                         the job
     GET  /completed?top=N                                   newest completions first
     GET  /status                                            counts, workers, scaler
-    POST /lease?wait=S&max=K       X-Worker-Id              {"jobs": [...], "keep": bool}
+    POST /lease?wait=S&max=K&budget=I  {"results": [...]}  {"jobs": [...], "keep", "recorded": [...]}
+    POST /heartbeat                {"jobs": [ids]}          {"held": [ids]}
     POST /jobs/<id>/heartbeat      X-Worker-Id              {"held": bool}
     POST /jobs/<id>/result         {"result", "duration"}   {"recorded": bool}
     POST /jobs/<id>/release        X-Worker-Id              {"released": bool}
     GET  /bundle                                            the services' zipapp, for workers
 
 A lease long-polls: it waits up to ``wait`` seconds for a job instead of answering empty,
-so idle workers cost nothing and a new job starts within milliseconds.
+so idle workers cost nothing and a new job starts within milliseconds. It hands out up to
+``max`` jobs whose iterations stay within ``budget``, and records the results a worker
+brings with it first, in one commit: a worker busy with small jobs makes one request per
+batch, not two per job. Every worker request carries ``X-Worker-Id``.
 """
 
 import base64
@@ -32,7 +36,8 @@ from .httpserver import HttpError, parse_int, route
 from .scaler import Scaler, WorkerRegistry
 from .store import QueueFull, Store, StoreUnavailable, UnknownJob
 
-ID = r"(?P<job_id>[A-Za-z0-9_-]{1,64})"
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID = f"(?P<job_id>{JOB_ID.pattern})"
 WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_LEASE_WAIT = 20
 
@@ -136,6 +141,7 @@ class BalancerHandler(httpserver.Handler):
         route("/status", GET="status"),
         route("/completed", GET="completed"),
         route("/lease", POST="lease"),
+        route("/heartbeat", POST="heartbeat_many"),
         route(f"/jobs/{ID}", PUT="enqueue", GET="get_job"),
         route(f"/jobs/{ID}/heartbeat", POST="heartbeat"),
         route(f"/jobs/{ID}/result", POST="result"),
@@ -223,46 +229,79 @@ class BalancerHandler(httpserver.Handler):
     def lease(self):
         worker_id = self.worker_id()
         wait = parse_int(self.query.get("wait"), "wait", 0, MAX_LEASE_WAIT, default=0)
-        max_jobs = parse_int(self.query.get("max"), "max", 1, 100, default=1)
+        max_jobs = parse_int(self.query.get("max"), "max", 0, 100, default=1)
+        budget = parse_int(self.query.get("budget"), "budget", 1, 10**12, default=10**12)
         store, settings = self.app.store, self.app.settings
-        deadline = time.monotonic() + wait
-        while True:
+        # The worker's finished results ride on its next lease: recorded (committed) first.
+        results = self.parse_results(self.json_body().get("results", []))
+        recorded = self.record(worker_id, results) if results else []
+        deadline = time.monotonic() + (wait if max_jobs else 0)
+        while max_jobs:
             generation = store.generation
-            jobs = store.lease(worker_id, settings.lease_seconds, max_jobs)
+            jobs = store.lease(worker_id, settings.lease_seconds, max_jobs, budget)
             remaining = deadline - time.monotonic()
             if jobs or remaining <= 0:
                 break
             with store.work_available:
                 store.work_available.wait_for(lambda: store.generation != generation, timeout=min(remaining, 1.0))
+        else:
+            jobs = []
         for job in jobs:
             self.app.wait_seconds.observe(job.pop("waited"))
             job["data"] = base64.b64encode(job["data"]).decode()
             logs.detail("leased", job=job["id"], worker=worker_id, attempt=job["attempt"])
         keep = not jobs and not self.app.may_leave(worker_id, time.monotonic())
-        return self.send_json(200, {"jobs": jobs, "keep": keep, "lease_seconds": settings.lease_seconds})
+        return self.send_json(200, {"jobs": jobs, "keep": keep, "lease_seconds": settings.lease_seconds,
+                                    "recorded": recorded})
+
+    def parse_results(self, results):
+        """[(job id, result, duration)] from a JSON list of {"id", "result", "duration"}, or a 400."""
+        if not isinstance(results, list) or len(results) > 1000:
+            raise HttpError(400, "results must be a list of at most 1000 {id, result, duration}")
+        parsed = []
+        for item in results:
+            if not isinstance(item, dict):
+                raise HttpError(400, "each result must be an object {id, result, duration}")
+            job_id, result, duration = item.get("id"), item.get("result"), item.get("duration")
+            if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+                raise HttpError(400, "a result's id is missing or malformed")
+            if not isinstance(result, str) or not re.fullmatch(r"[0-9a-f]{128}", result):
+                raise HttpError(400, "result must be 128 lowercase hex digits")
+            if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration < 0:
+                duration = None
+            parsed.append((job_id, result, duration))
+        return parsed
+
+    def record(self, worker_id, results):
+        """Record results in one commit; returns, for each, True, False (had one) or None (unknown)."""
+        recorded = self.app.store.complete_many(results, worker_id)
+        for (job_id, _, duration), now in zip(results, recorded):
+            if now:
+                if duration is not None:
+                    self.app.job_seconds.observe(duration)
+                logs.detail("completed", job=job_id, worker=worker_id, duration=duration)
+        return recorded
 
     def heartbeat(self, job_id):
         worker_id = self.worker_id()
         held = self.app.store.heartbeat(worker_id, [job_id], self.app.settings.lease_seconds)
         return self.send_json(200, {"held": bool(held)})
 
+    def heartbeat_many(self):
+        worker_id = self.worker_id()
+        jobs = self.json_body().get("jobs")
+        if not isinstance(jobs, list) or len(jobs) > 1000 or not all(isinstance(j, str) for j in jobs):
+            raise HttpError(400, "jobs must be a list of at most 1000 job ids")
+        held = self.app.store.heartbeat(worker_id, jobs, self.app.settings.lease_seconds)
+        return self.send_json(200, {"held": held})
+
     def result(self, job_id):
         worker_id = self.worker_id()
         body = self.json_body()
-        result = body.get("result")
-        if not isinstance(result, str) or not re.fullmatch(r"[0-9a-f]{128}", result):
-            raise HttpError(400, "result must be 128 lowercase hex digits")
-        duration = body.get("duration")
-        if not isinstance(duration, (int, float)) or duration < 0:
-            duration = None
-        try:
-            recorded = self.app.store.complete(job_id, result, worker_id, duration)
-        except UnknownJob:
-            raise HttpError(404, f"no job {job_id}") from None
-        if recorded:
-            if duration is not None:
-                self.app.job_seconds.observe(duration)
-            logs.detail("completed", job=job_id, worker=worker_id, duration=duration)
+        (item,) = self.parse_results([dict(body, id=job_id)])
+        recorded = self.record(worker_id, [item])[0]
+        if recorded is None:
+            raise HttpError(404, f"no job {job_id}")
         return self.send_json(200, {"recorded": recorded})
 
     def release(self, job_id):

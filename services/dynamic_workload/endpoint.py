@@ -6,8 +6,8 @@ it, so when the balancer's answer is lost the enqueue is simply repeated under t
 id: the balancer stores it once, and the client gets its 2xx only after the commit.
 """
 
+import os
 import time
-import uuid
 
 from . import dashboard, httpserver, logs, metrics
 from .client import BalancerClient, BalancerUnreachable
@@ -97,7 +97,7 @@ class EndpointHandler(httpserver.Handler):
             raise HttpError(400, str(error)) from None
         if not data:
             raise HttpError(400, "empty data; send the job's bytes, e.g. curl -F data=@FILE")
-        job_id = uuid.uuid4().hex
+        job_id = os.urandom(16).hex()  # random, like uuid4, at a fifth of the cost
         answer = self.app.forward("PUT", f"/jobs/{job_id}?iterations={iterations}", data, timeout=ENQUEUE_TIMEOUT)
         if answer.status in (200, 201):
             return self.send_json(201, {"id": job_id, "status": "queued", "iterations": iterations,

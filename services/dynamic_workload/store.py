@@ -190,7 +190,8 @@ class Store:
         if woken:
             with self.work_available:
                 self.generation += 1
-                self.work_available.notify_all()
+                # As many waiting leases as there are new jobs, not every one of them.
+                self.work_available.notify(woken)
         for future, result, error in outcomes:
             if error is None:
                 future.set_result(result)
@@ -314,18 +315,32 @@ class Store:
 
         return self._write(operation)
 
-    def lease(self, worker_id, lease_seconds, max_jobs=1):
+    def lease(self, worker_id, lease_seconds, max_jobs=1, max_iterations=None):
         """Lease up to `max_jobs` queued jobs, oldest first, to a worker for `lease_seconds`.
 
-        Returns a list of dicts with id, iterations, attempt, data and waited (seconds queued).
+        With `max_iterations`, jobs are added only while their iterations together stay within
+        it (the first job always comes): a worker takes a batch of small jobs in one request
+        without hoarding big ones. Returns a list of dicts with id, iterations, attempt, data
+        and waited (seconds queued).
         """
         def operation(conn, now, counts):
+            candidates = conn.execute(
+                "SELECT seq, iterations FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?", (max_jobs,)
+            ).fetchall()
+            chosen, total = [], 0
+            for seq, iterations in candidates:
+                if chosen and max_iterations is not None and total + iterations > max_iterations:
+                    break
+                chosen.append(seq)
+                total += iterations
+            if not chosen:
+                return []
+            marks = ",".join("?" * len(chosen))
             rows = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = ?,"
-                " lease_expires = ?, started_at = ? WHERE seq IN"
-                " (SELECT seq FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?)"
+                f" lease_expires = ?, started_at = ? WHERE seq IN ({marks})"
                 " RETURNING seq, id, iterations, attempts, enqueued_at",
-                (worker_id, now + lease_seconds, now, max_jobs),
+                (worker_id, now + lease_seconds, now, *chosen),
             ).fetchall()
             rows.sort()
             jobs = []
@@ -361,27 +376,40 @@ class Store:
         A result is accepted whoever posts it, even after the lease moved to another worker
         (the work is deterministic); the first one is kept and any later one is ignored.
         """
+        recorded = self.complete_many([(job_id, result, duration)], worker_id)[0]
+        if recorded is None:
+            raise UnknownJob(job_id)
+        return recorded
+
+    def complete_many(self, results, worker_id=None):
+        """Record several (job id, result, duration) in one commit, as `complete` does.
+
+        Returns, for each, True (recorded now), False (it had one already) or None (no such job).
+        """
         def operation(conn, now, counts):
-            row = conn.execute("SELECT seq, state, iterations FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise UnknownJob(job_id)
-            seq, state, iterations = row
-            if state == "completed":
-                return False
-            conn.execute(
-                "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, duration = ?,"
-                " done_seq = ?, lease_expires = NULL, worker_id = ?, error = NULL WHERE seq = ?",
-                (result, now, duration, self._next_done_seq, worker_id, seq),
-            )
-            self._next_done_seq += 1
-            conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
-            counts[state] -= 1
-            counts["completed"] += 1
-            if state in ("queued", "running"):
-                counts["backlog_iterations"] -= iterations
-            return True
+            return [self._complete(conn, now, counts, worker_id, *item) for item in results]
 
         return self._write(operation)
+
+    def _complete(self, conn, now, counts, worker_id, job_id, result, duration):
+        row = conn.execute("SELECT seq, state, iterations FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        seq, state, iterations = row
+        if state == "completed":
+            return False
+        conn.execute(
+            "UPDATE jobs SET state = 'completed', result = ?, finished_at = ?, duration = ?,"
+            " done_seq = ?, lease_expires = NULL, worker_id = ?, error = NULL WHERE seq = ?",
+            (result, now, duration, self._next_done_seq, worker_id, seq),
+        )
+        self._next_done_seq += 1
+        conn.execute("DELETE FROM payloads WHERE seq = ?", (seq,))
+        counts[state] -= 1
+        counts["completed"] += 1
+        if state in ("queued", "running"):
+            counts["backlog_iterations"] -= iterations
+        return True
 
     def release(self, job_id, worker_id):
         """A worker gives a leased job back unfinished (it is stopping): re-queue it at once.

@@ -1,8 +1,10 @@
 """The worker: lease a job, compute it, post its result; repeat until idle for too long.
 
 - Leases long-poll the balancer, so an idle worker makes one request per poll period.
-- While computing, a heartbeat thread extends the lease every third of its length, so a
-  long job keeps its lease and a dead worker's job returns to the queue when it expires.
+- A lease brings a batch of small jobs (or one big one), and the next lease carries their
+  results back: one request per batch, recorded in one commit.
+- A heartbeat thread extends the leases of the jobs it holds every third of their length, so
+  a long job keeps its lease and a dead worker's job returns to the queue when it expires.
 - When the balancer is away, every call is retried with exponential backoff and jitter;
   a finished result is kept and posted when it is back.
 - After ``worker_idle_timeout`` seconds without a job the worker ends itself (exit 0; on EC2
@@ -27,6 +29,10 @@ from .config import Settings
 from .work import Interrupted, work_interruptibly
 
 POLL_SECONDS = 10
+# A lease takes up to this many jobs, as long as they add up to at most this many iterations
+# (about half a second of hashing): small jobs come in batches, big ones one at a time.
+BATCH_JOBS = 32
+BATCH_ITERATIONS = 1_000_000
 
 
 class Stop:
@@ -56,6 +62,9 @@ class Worker:
         self.sleep = sleep
         self.stop = Stop()
         self.jobs_done = 0
+        self.lease_seconds = 30.0  # until the balancer says otherwise
+        self.held = set()  # ids of the jobs leased and not yet finished (the heartbeat's list)
+        self._held_lock = threading.Lock()
 
     def call(self, method, path, body=None, timeout=None, give_up=lambda: False):
         """A balancer request, retried with backoff while the balancer is away."""
@@ -77,63 +86,94 @@ class Worker:
 
     def run(self):
         logs.event("started", worker=self.worker_id)
+        done = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(done,), name="heartbeat", daemon=True).start()
+        try:
+            return self._loop()
+        finally:
+            done.set()
+
+    def _loop(self):
         idle_since = self.clock()
+        finished = []  # results computed and not yet recorded: they ride on the next lease
         while not self.stop.warm:
             wait = max(0, min(POLL_SECONDS, int(self.idle_timeout - (self.clock() - idle_since)) + 1))
-            answer = self.call("POST", f"/lease?wait={wait}", b"", timeout=wait + 30,
-                               give_up=lambda: self.stop.warm)
+            answer = self.call("POST", f"/lease?wait={wait}&max={BATCH_JOBS}&budget={BATCH_ITERATIONS}",
+                               {"results": finished}, timeout=wait + 30, give_up=lambda: self.stop.warm)
             if answer is None:
                 break
             if answer.status == 401:
                 logs.event("unauthorized", worker=self.worker_id)
                 return 2
+            if answer.status != 200:  # a 4xx here is a bug on one side: say so, don't spin
+                logs.event("lease_refused", worker=self.worker_id, status=answer.status,
+                           error=answer.body[:200].decode(errors="replace"))
+                self.sleep(1.0)
+                continue
             lease = answer.json()
-            for job in lease["jobs"]:
-                self.process(job, lease["lease_seconds"])
+            finished = []
+            self.lease_seconds = lease["lease_seconds"]
+            jobs = lease["jobs"]
+            with self._held_lock:
+                self.held.update(job["id"] for job in jobs)
+            for job in jobs:
+                outcome = self.process(job)
+                with self._held_lock:
+                    self.held.discard(job["id"])
+                if outcome is not None:
+                    finished.append(outcome)
+            if jobs or lease["keep"]:
                 idle_since = self.clock()
-            if lease["keep"]:
-                idle_since = self.clock()
-            if self.clock() - idle_since >= self.idle_timeout:
+            elif self.clock() - idle_since >= self.idle_timeout:
                 logs.event("idle_exit", worker=self.worker_id, idle_seconds=self.idle_timeout,
                            jobs_done=self.jobs_done)
                 return 0
+        if finished:  # stopping: have what is done recorded, and take nothing new
+            self.call("POST", "/lease?max=0", {"results": finished}, give_up=lambda: self.stop.cold)
         logs.event("stopped", worker=self.worker_id, jobs_done=self.jobs_done)
         return 0
 
-    def process(self, job, lease_seconds):
+    def process(self, job):
+        """Compute a leased job; its result to record, or None if it was given back."""
         job_id = job["id"]
         if self.stop.warm:  # leased as the stop came in: hand it straight back
             self.call("POST", f"/jobs/{job_id}/release", b"", give_up=lambda: self.stop.cold)
-            return
+            return None
         data = base64.b64decode(job["data"])
-        beating = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job_id, lease_seconds / 3, beating), daemon=True)
-        heartbeat.start()
         started = time.perf_counter()
         try:
             digest = work_interruptibly(data, job["iterations"], lambda: self.stop.cold)
         except Interrupted:
-            beating.set()
             logs.event("abandoned", worker=self.worker_id, job=job_id)
             self.call("POST", f"/jobs/{job_id}/release", b"", timeout=5, give_up=lambda: True)
-            return
-        finally:
-            beating.set()
+            return None
         duration = time.perf_counter() - started
-        body = {"result": digest.hex(), "duration": duration}
-        self.call("POST", f"/jobs/{job_id}/result", body, give_up=lambda: self.stop.cold)
         self.jobs_done += 1
-        logs.detail("completed", worker=self.worker_id, job=job_id, duration=round(duration, 4))
+        logs.detail("computed", worker=self.worker_id, job=job_id, duration=round(duration, 4))
+        return {"id": job_id, "result": digest.hex(), "duration": duration}
 
-    def _heartbeat(self, job_id, every, done):
-        while not done.wait(every):
+    def _heartbeat(self, done):
+        """Extend the leases of every job held, a third of a lease apart, in one request."""
+        last = time.monotonic()
+        # Wake at least every second: the lease length is only known after the first lease.
+        while not done.wait(min(1.0, self.lease_seconds / 3)):
+            if time.monotonic() - last < self.lease_seconds / 3:
+                continue
+            last = time.monotonic()
+            with self._held_lock:
+                held = sorted(self.held)
+            if not held:
+                continue
             try:
-                answer = self.client.request("POST", f"/jobs/{job_id}/heartbeat", b"",
-                                             {"X-Worker-Id": self.worker_id}, timeout=every)
-                if answer.status == 200 and not answer.json()["held"]:
-                    logs.event("lease_lost", worker=self.worker_id, job=job_id)
+                answer = self.client.request("POST", "/heartbeat", {"jobs": held},
+                                             {"X-Worker-Id": self.worker_id}, timeout=self.lease_seconds / 3)
             except BalancerUnreachable:
-                pass  # the result will still be accepted when the balancer is back
+                continue  # results are still accepted when the balancer is back
+            if answer.status == 200:
+                with self._held_lock:
+                    lost = (set(held) - set(answer.json()["held"])) & self.held
+                for job_id in sorted(lost):
+                    logs.event("lease_lost", worker=self.worker_id, job=job_id)
 
 
 def main(argv=None):

@@ -534,13 +534,14 @@ class FaultProxy:
         self.cut = cut
 
     def requests(self):
-        """Request lines and the answers' JSON bodies seen through the forwarding connections."""
+        """Request lines, and whether each result carried was recorded, seen through the connections."""
         lines, bodies = [], []
         with self._lock:
             records = [(bytes(a), bytes(b)) for a, b in self.forwarded]
         for sent, received in records:
             lines += [m.decode("latin-1") for m in re.findall(rb"(?:GET|POST|PUT) \S+ HTTP/1\.1", sent)]
-            bodies += [m.decode("latin-1") for m in re.findall(rb'\{"recorded": (?:true|false)\}', received)]
+            # A result rides on the worker's next lease; its answer says {"recorded": [true|false]}.
+            bodies += ['{"recorded": %s}' % m.decode() for m in re.findall(rb'"recorded": \[(true|false)\]', received)]
         return lines, bodies
 
     def close(self):

@@ -72,8 +72,9 @@ def test_a_worker_cut_off_mid_job_backs_off_its_job_is_re_leased_and_recorded_on
                    or faultkit.job_row(cluster, job_id)[0] == "completed", 20,
                    message="the job to be re-leased to the other worker")
         re_leased_after = time.monotonic() - cut_at
-        # The cut worker finished its copy and retries posting the result, backing off.
-        result_path = f"POST /jobs/{job_id}/result"
+        # The cut worker finished its copy and retries bringing the result (on its next lease),
+        # backing off. Before the cut it was computing: every lease it tries now carries it.
+        result_path = "POST /lease"
 
         def result_attempts():
             return [t for t, line in list(cut_proxy.refused) if line.startswith(result_path)]
@@ -85,10 +86,8 @@ def test_a_worker_cut_off_mid_job_backs_off_its_job_is_re_leased_and_recorded_on
     gaps = [b - a for a, b in zip(attempts_times, attempts_times[1:])]
     # Both workers post their result; the first one recorded wins, the other is ignored.
     def answered_posts(proxy):
-        """The balancer's answers to this job's result posts that went through `proxy`."""
-        lines, bodies = proxy.requests()  # only result posts are answered {"recorded": ...}
-        posts = sum(line.startswith(result_path) for line in lines)
-        return bodies[-posts:] if posts and len(bodies) >= posts else []
+        """The balancer's answers to the results that went through `proxy` (each worker has one)."""
+        return proxy.requests()[1]
     wait_until(lambda: answered_posts(cut_proxy) and answered_posts(other_proxy), 30,
                message="both workers' result posts to be answered")
     posted_back_after = time.monotonic() - restored_at

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import faultkit
+from dynamic_workload.worker import BATCH_ITERATIONS
 from faultkit import contract_work, process_start_time, report, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -156,8 +157,11 @@ def test_kill_9_of_workers_mid_job_again_and_again(cluster):
     assert results == expected
     assert all(cluster.job(job_id).json()["status"] == "completed" for job_id in jobs)
     extra = sum(attempts.values()) - len(jobs)
-    # Each kill cost the job it hit one attempt (none if it had just posted its result).
-    assert 1 <= extra <= len(kills), (attempts, kills)
+    # Each kill cost an attempt to each job its worker held: a lease batches small jobs up to
+    # worker.BATCH_ITERATIONS (two of these at most), finished ones included until they ride
+    # on the next lease (none if it had just brought its results back).
+    per_lease = max(1, BATCH_ITERATIONS // 500_000)
+    assert 1 <= extra <= per_lease * len(kills), (attempts, kills)
     assert faultkit.db_rows(cluster, "SELECT COUNT(*) FROM jobs WHERE state = 'running'")[0][0] == 0
     report("kill -9 of workers mid-job", kills=len(kills), **dict(figures, verified=len(jobs)),
            extra_attempts=extra, max_attempts=max(attempts.values()),

@@ -513,3 +513,25 @@ def test_a_write_after_close_is_refused_not_hung(db_path, clock):
     store.close()
     with pytest.raises(StoreUnavailable):
         store.enqueue("late", 1, b"x")
+
+
+def test_a_lease_takes_a_batch_within_the_iteration_budget_but_always_one(store):
+    for n, iterations in enumerate([10, 20, 30, 5000, 10]):
+        store.enqueue(f"j{n}", iterations, b"x")
+    assert [j["id"] for j in store.lease("w1", LEASE, max_jobs=10, max_iterations=100)] == ["j0", "j1", "j2"]
+    assert [j["id"] for j in store.lease("w1", LEASE, max_jobs=10, max_iterations=100)] == ["j3"]  # big: alone
+    assert [j["id"] for j in store.lease("w1", LEASE, max_jobs=10, max_iterations=100)] == ["j4"]
+    assert store.lease("w1", LEASE, max_jobs=10, max_iterations=100) == []
+
+
+def test_complete_many_records_in_one_commit_and_says_what_happened(store, db_path):
+    for n in range(3):
+        store.enqueue(f"j{n}", 1, b"x")
+    store.lease("w1", LEASE, max_jobs=3)
+    store.complete("j1", "1" * 128, "w1", 0.1)
+    answers = store.complete_many([("j0", "0" * 128, 0.1), ("j1", "f" * 128, 0.1), ("nope", "2" * 128, None),
+                                   ("j2", "2" * 128, 0.2)], "w1")
+    assert answers == [True, False, None, True]
+    assert store.get("j1")["result"] == "1" * 128  # the first result stays
+    assert store.counts() == fresh_counts(db_path)
+    assert store.counts()["completed"] == 3

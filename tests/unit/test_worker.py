@@ -139,32 +139,34 @@ class FakeBalancer:
         self.results = {}
         self.released = []
         self.leases = 0
-        self.result_failures = 0
+        self.result_failures = 0  # leases carrying results that fail, as if the balancer were away
         self.on_heartbeat = None
 
     def __call__(self, method, path, body):
         if path.startswith("/lease"):
-            self.leases += 1
-            keep = self.leases <= self.keep_leases
-            if self.jobs:
-                return answer(200, {"jobs": [self.jobs.pop(0)], "keep": keep, "lease_seconds": self.lease_seconds})
-            wait = int(re.search(r"wait=(\d+)", path).group(1))
-            self.clock.advance(wait)  # a long poll that found nothing
-            return answer(200, {"jobs": [], "keep": keep, "lease_seconds": self.lease_seconds})
-        match = re.fullmatch(r"/jobs/([^/]+)/(result|release|heartbeat)", path)
-        job_id, action = match.groups()
-        if action == "result":
-            if self.result_failures:
+            results = body.get("results", []) if isinstance(body, dict) else []
+            if results and self.result_failures:
                 self.result_failures -= 1
                 return BalancerUnreachable("127.0.0.1:5100: Connection refused")
-            self.results.setdefault(job_id, []).append(body)
-            return answer(200, {"recorded": True})
-        if action == "release":
-            self.released.append(job_id)
-            return answer(200, {"released": True})
-        if self.on_heartbeat:
-            self.on_heartbeat()
-        return answer(200, {"held": True})
+            self.leases += 1
+            for item in results:
+                self.results.setdefault(item["id"], []).append(item)
+            keep = self.leases <= self.keep_leases
+            lease = {"keep": keep, "lease_seconds": self.lease_seconds, "recorded": [True] * len(results)}
+            if "max=0" in path:
+                return answer(200, dict(lease, jobs=[]))
+            if self.jobs:
+                return answer(200, dict(lease, jobs=[self.jobs.pop(0)]))
+            wait = int(re.search(r"wait=(\d+)", path).group(1))
+            self.clock.advance(wait)  # a long poll that found nothing
+            return answer(200, dict(lease, jobs=[]))
+        if path == "/heartbeat":
+            if self.on_heartbeat:
+                self.on_heartbeat()
+            return answer(200, {"held": body["jobs"]})
+        job_id, action = re.fullmatch(r"/jobs/([^/]+)/(release)", path).groups()
+        self.released.append(job_id)
+        return answer(200, {"released": True})
 
 
 def test_a_worker_computes_its_jobs_posts_the_results_and_ends_when_idle():
@@ -205,7 +207,8 @@ def test_a_result_is_kept_while_the_balancer_is_away_and_posted_once():
     worker, client, sleep, _ = make_worker(balancer, idle_timeout=5.0, clock=clock)
     assert worker.run() == 0
     assert [body["result"] for body in balancer.results["a"]] == [work(b"data", 2).hex()]
-    assert len(client.paths("/jobs/a/result")) == 4
+    carrying = [b for m, p, b, h in client.requests if p.startswith("/lease") and b["results"]]
+    assert len(carrying) == 4  # three refused, the fourth recorded it
     assert len(sleep.delays) == 3
 
 
@@ -242,4 +245,26 @@ def test_a_cold_stop_abandons_the_job_being_computed_and_releases_it():
     assert balancer.released == ["long"]
     assert balancer.results == {}
     assert worker.jobs_done == 0
-    assert client.paths("/jobs/long/heartbeat")
+    assert client.paths("/heartbeat")
+
+
+def test_a_batch_of_jobs_is_computed_and_its_results_ride_on_the_next_lease():
+    clock = FakeClock(0.0)
+    batch = [job(f"j{n}", b"batch %d" % n, 5) for n in range(3)]
+    balancer = FakeBalancer(clock)
+    worker, client, _, _ = make_worker(balancer, idle_timeout=5.0, clock=clock)
+
+    def one_batch(method, path, body):
+        if path.startswith("/lease") and balancer.leases == 0 and "max=0" not in path:
+            balancer.leases += 1
+            assert "max=32" in path and "budget=" in path
+            return answer(200, {"jobs": batch, "keep": False, "lease_seconds": 30.0, "recorded": []})
+        return balancer(method, path, body)
+
+    client.handle = one_batch
+    assert worker.run() == 0
+    leases = [b for m, p, b, h in client.requests if p.startswith("/lease")]
+    assert [item["id"] for item in leases[1]["results"]] == ["j0", "j1", "j2"]  # all three, one request
+    assert {job_id: items[0]["result"] for job_id, items in balancer.results.items()} == {
+        f"j{n}": work(b"batch %d" % n, 5).hex() for n in range(3)}
+    assert not client.paths("/jobs/")  # no per-job request at all
