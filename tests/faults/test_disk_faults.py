@@ -123,6 +123,21 @@ def pad_to_page(path):
         log.write(b"\n" * (-size % 4096))
 
 
+
+def try_enqueue(cluster, acknowledged, label, last):
+    """One enqueue: True if acknowledged (then kept in `acknowledged`), else the reason in `last`."""
+    data = f"{label} {os.urandom(8).hex()}".encode()
+    try:
+        answer = cluster.enqueue(data, 1000, timeout=10)
+    except OSError as error:
+        last[:] = [repr(error)]
+        return False
+    if answer.status in (200, 201):
+        acknowledged[answer.json()["id"]] = (data, 1000)
+        return True
+    last[:] = [f"{answer.status} {answer.body[:150]!r}"]
+    return False
+
 def test_a_full_disk_refuses_enqueues_with_507_loses_nothing_and_recovers(cluster, disks):
     _, state_fs, logs_fs = disks
     ensure_running(cluster)
@@ -212,17 +227,7 @@ def test_a_full_disk_refuses_enqueues_with_507_loses_nothing_and_recovers(cluste
         last = []
 
         def accepted():
-            data = f"after space returned {os.urandom(8).hex()}".encode()
-            try:
-                answer = cluster.enqueue(data, 1000, timeout=10)
-            except OSError as error:
-                last[:] = [repr(error)]
-                return False
-            if answer.status in (200, 201):
-                acknowledged[answer.json()["id"]] = (data, 1000)
-                return True
-            last[:] = [f"{answer.status} {answer.body[:150]!r}"]
-            return False
+            return try_enqueue(cluster, acknowledged, "after space returned", last)
         try:
             wait_until(accepted, 15, 0.2, message="enqueue to work again")
             recovered_after = round(time.monotonic() - full_since - full_for, 2)
@@ -287,17 +292,7 @@ def test_a_read_only_disk_refuses_enqueues_and_the_balancer_recovers_once_writab
     last = []
 
     def accepted():
-        data = f"writable again {os.urandom(8).hex()}".encode()
-        try:
-            answer = cluster.enqueue(data, 1000, timeout=10)
-        except OSError as error:
-            last[:] = [repr(error)]
-            return False
-        if answer.status in (200, 201):
-            acknowledged[answer.json()["id"]] = (data, 1000)
-            return True
-        last[:] = [f"{answer.status} {answer.body[:150]!r}"]
-        return False
+        return try_enqueue(cluster, acknowledged, "writable again", last)
     try:
         wait_until(accepted, 15, 0.2, message="enqueue to work again")
         recovered_after = round(time.monotonic() - writable_at, 2)
