@@ -9,8 +9,6 @@ Every route but ``/healthz`` and ``/metrics`` requires the cluster's token
     GET  /status                                            counts, workers, scaler
     POST /lease?wait=S&max=K&budget=I  {"results": [...]}  {"jobs": [...], "keep", "recorded": [...]}
     POST /heartbeat                {"jobs": [ids]}          {"held": [ids]}
-    POST /jobs/<id>/heartbeat      X-Worker-Id              {"held": bool}
-    POST /jobs/<id>/result         {"result", "duration"}   {"recorded": bool}
     POST /jobs/<id>/release        X-Worker-Id              {"released": bool}
     GET  /bundle                                            the services' zipapp, for workers
 
@@ -143,8 +141,6 @@ class BalancerHandler(httpserver.Handler):
         route("/lease", POST="lease"),
         route("/heartbeat", POST="heartbeat_many"),
         route(f"/jobs/{ID}", PUT="enqueue", GET="get_job"),
-        route(f"/jobs/{ID}/heartbeat", POST="heartbeat"),
-        route(f"/jobs/{ID}/result", POST="result"),
         route(f"/jobs/{ID}/release", POST="release"),
         route("/bundle", GET="bundle"),
     ]
@@ -282,11 +278,6 @@ class BalancerHandler(httpserver.Handler):
                 logs.detail("completed", job=job_id, worker=worker_id, duration=duration)
         return recorded
 
-    def heartbeat(self, job_id):
-        worker_id = self.worker_id()
-        held = self.app.store.heartbeat(worker_id, [job_id], self.app.settings.lease_seconds)
-        return self.send_json(200, {"held": bool(held)})
-
     def heartbeat_many(self):
         worker_id = self.worker_id()
         jobs = self.json_body().get("jobs")
@@ -294,15 +285,6 @@ class BalancerHandler(httpserver.Handler):
             raise HttpError(400, "jobs must be a list of at most 1000 job ids")
         held = self.app.store.heartbeat(worker_id, jobs, self.app.settings.lease_seconds)
         return self.send_json(200, {"held": held})
-
-    def result(self, job_id):
-        worker_id = self.worker_id()
-        body = self.json_body()
-        (item,) = self.parse_results([dict(body, id=job_id)])
-        recorded = self.record(worker_id, [item])[0]
-        if recorded is None:
-            raise HttpError(404, f"no job {job_id}")
-        return self.send_json(200, {"recorded": recorded})
 
     def release(self, job_id):
         worker_id = self.worker_id()

@@ -254,17 +254,6 @@ class Store:
         )
         return max(0.0, self.clock() - row[0]) if row else 0.0
 
-    def mean_duration(self, last=50):
-        """Mean seconds of the last `last` completed jobs, or None before the first one."""
-        row = self._read(
-            lambda conn: conn.execute(
-                "SELECT AVG(duration) FROM (SELECT duration FROM jobs"
-                " WHERE done_seq IS NOT NULL AND duration IS NOT NULL ORDER BY done_seq DESC LIMIT ?)",
-                (last,),
-            ).fetchone()
-        )
-        return row[0]
-
     def recent_durations(self, last=200):
         """Compute seconds of the last `last` timed jobs, newest first."""
         rows = self._read(

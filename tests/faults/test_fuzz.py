@@ -28,8 +28,8 @@ pytestmark = pytest.mark.cluster
 ENDPOINT_ROUTES = ["/", "/healthz", "/metrics", "/status", "/enqueue", "/pullCompleted", "/jobs/0123abcd",
                    "/jobs/", "/jobs/" + "f" * 32]
 ENDPOINT_KEYS = ["iterations", "top"]
-BALANCER_ROUTES = ["/healthz", "/metrics", "/status", "/completed", "/lease", "/jobs/abc", "/jobs/abc/heartbeat",
-                   "/jobs/abc/result", "/jobs/abc/release", "/bundle", "/jobs/" + "f" * 32 + "/result"]
+BALANCER_ROUTES = ["/healthz", "/metrics", "/status", "/completed", "/lease", "/heartbeat", "/jobs/abc",
+                   "/jobs/abc/release", "/bundle", "/jobs/" + "f" * 32 + "/release"]
 # No "wait": a lease long-polls up to `wait` seconds, a slow answer by design, not a hang.
 BALANCER_KEYS = ["iterations", "top", "max"]
 ENDPOINT_PLAUSIBLE = [("PUT", "/enqueue", {"iterations": (1, 2000)}), ("PUT", "/enqueue", {"iterations": (1, 2000)}),
@@ -37,7 +37,7 @@ ENDPOINT_PLAUSIBLE = [("PUT", "/enqueue", {"iterations": (1, 2000)}), ("PUT", "/
                       ("GET", "/status", {}), ("GET", "/metrics", {}), ("GET", "/", {}), ("HEAD", "/healthz", {})]
 BALANCER_PLAUSIBLE = [("PUT", "/jobs/<id>", {"iterations": (1, 2000)}), ("GET", "/jobs/<id>", {}),
                       ("GET", "/completed", {"top": (1, 1000)}), ("POST", "/lease", {"max": (1, 100)}),
-                      ("POST", "/jobs/<id>/heartbeat", {}), ("POST", "/jobs/<id>/result", {}),
+                      ("POST", "/heartbeat", {}),
                       ("POST", "/jobs/<id>/release", {}), ("GET", "/status", {}), ("GET", "/bundle", {}),
                       ("GET", "/metrics", {})]
 EXAMPLES = 500

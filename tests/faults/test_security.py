@@ -19,7 +19,7 @@ from faultkit import report, wait_until
 pytestmark = pytest.mark.cluster
 
 ROUTES = ["/healthz", "/metrics", "/status", "/completed?top=5", "/lease", "/lease?wait=0", "/jobs/abc",
-          "/jobs/abc?iterations=1", "/jobs/abc/heartbeat", "/jobs/abc/result", "/jobs/abc/release", "/bundle",
+          "/jobs/abc?iterations=1", "/heartbeat", "/jobs/abc/release", "/bundle",
           "/", "/nope", "/healthz/", "/metrics/x", "/HEALTHZ", "//healthz", "//status", "/healthz/../status", "/jobs/",
           "/enqueue?iterations=1", "/pullCompleted"]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"]

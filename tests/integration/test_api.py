@@ -197,7 +197,7 @@ def test_the_balancer_requires_the_token(cluster):
     port = cluster.balancer_port
     for method, path in [("GET", "/status"), ("GET", "/completed"), ("POST", "/lease"),
                          ("PUT", "/jobs/abc?iterations=1"), ("GET", "/jobs/abc"),
-                         ("POST", "/jobs/abc/result"), ("POST", "/jobs/abc/heartbeat"),
+                         ("POST", "/heartbeat"),
                          ("POST", "/jobs/abc/release"), ("GET", "/nope"), ("POST", "/healthz")]:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": cluster.token}):
             answer = request(port, method, path, b"x" if method != "GET" else None, headers)

@@ -289,9 +289,9 @@ def test_unknown_ids(store):
     assert store.counts()["enqueued"] == 0
 
 
-def test_oldest_queued_age_and_mean_duration(store, clock):
+def test_oldest_queued_age_and_the_measured_speed(store, clock):
     assert store.oldest_queued_age() == 0.0
-    assert store.mean_duration() is None
+    assert store.seconds_per_iteration() is None and store.recent_durations() == []
     store.enqueue("a", 1, b"x")
     clock.advance(3)
     store.enqueue("b", 1, b"y")
@@ -301,7 +301,8 @@ def test_oldest_queued_age_and_mean_duration(store, clock):
     assert store.oldest_queued_age() == 0.0
     store.complete("a", "a" * 128, "w1", 1.0)
     store.complete("b", "b" * 128, "w1", 3.0)
-    assert store.mean_duration() == 2.0
+    assert store.seconds_per_iteration() == 2.0  # 4 s of hashing over 2 iterations
+    assert store.recent_durations() == [3.0, 1.0]  # newest first
 
 
 # --- durability and concurrency ------------------------------------------------------------
